@@ -1,0 +1,3 @@
+from dynnet.cli import main
+
+main()

@@ -1,0 +1,58 @@
+"""What a run shows its user: a step-based progress display and the closing Result line."""
+
+import sys
+import time
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
+from tqdm import tqdm
+
+
+class StepProgressBar(ProgressBar):
+    """Shows the optimizer step, the loss and steps per second, redrawn a few times a second."""
+
+    def __init__(self, refresh_seconds: float = 0.25) -> None:
+        super().__init__()
+        self.refresh_seconds = refresh_seconds
+        self.enabled = True
+        self.bar: tqdm | None = None
+        self.last_draw = 0.0
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        total = trainer.max_steps if trainer.max_steps > 0 else None
+        self.bar = tqdm(
+            total=total, initial=trainer.global_step, unit="step", dynamic_ncols=True,
+            disable=not (self.enabled and trainer.is_global_zero), file=sys.stderr,
+            mininterval=self.refresh_seconds,
+        )
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        now = time.monotonic()
+        if self.bar.disable or now - self.last_draw < self.refresh_seconds:
+            return
+        self.last_draw = now
+        self.bar.set_postfix(loss=f"{pl_module.last_loss.item():.4g}", refresh=False)
+        self.bar.update(trainer.global_step - self.bar.n)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.bar.update(trainer.global_step - self.bar.n)
+        self.bar.close()
+
+
+class RunReport(Callback):
+    """Says where a resumed run picked up, and at the end prints the tutorial's Result line and the log folder."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.ckpt_path and trainer.is_global_zero:
+            print(f"Resumed from {trainer.ckpt_path} at step {trainer.global_step}", flush=True)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            print(f"Result: {pl_module.model.formula()}")
+            print(f"Logs: {trainer.log_dir}", flush=True)

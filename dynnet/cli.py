@@ -1,0 +1,100 @@
+"""The ``dynnet`` command: LightningCLI over DynamicNet and SineData, with the project's run defaults."""
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import ArgumentError
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningCLI, LRSchedulerTypeTuple, ReduceLROnPlateau
+from torch.optim import Optimizer
+
+from dynnet.callbacks import RunReport, StepProgressBar
+from dynnet.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
+from dynnet.data import SineData
+from dynnet.module import DivergenceError, DynamicNet
+
+# Errors that a user's input or a run's numbers cause: shown as one line unless DYNNET_DEBUG is set.
+USER_ERRORS = (ValueError, ArgumentError, FileNotFoundError, DivergenceError)
+
+
+class DynnetCLI(LightningCLI):
+    def __init__(self, args: ArgsType = None) -> None:
+        super().__init__(DynamicNet, SineData, args=args, parser_kwargs={"exit_on_error": False})
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_optimizer_args((Optimizer,))
+        parser.add_lr_scheduler_args(LRSchedulerTypeTuple)
+        # With no optimizer given, train as the tutorial does: plain SGD is too slow on this model without momentum.
+        parser.set_defaults({"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 1e-8, "momentum": 0.9}}})
+
+    @staticmethod
+    def configure_optimizers(lightning_module: LightningModule, optimizer: Optimizer, lr_scheduler: Any = None) -> Any:
+        # Schedulers count optimizer steps (Lightning's default unit is the epoch): T_max: 3000 means 3000 steps.
+        if lr_scheduler is None:
+            return optimizer
+        if isinstance(lr_scheduler, ReduceLROnPlateau):
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "monitor": lr_scheduler.monitor}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
+    def parse_arguments(self, parser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path"):
+            self._check_ckpt_path(self.config[subcommand])
+
+    def _check_ckpt_path(self, config) -> None:
+        """Resolve ``last`` to this run's file and refuse, before anything starts, a checkpoint that cannot be used."""
+        if config.ckpt_path == "last":
+            last = _checkpoint_dir(config.trainer.default_root_dir) / "last.ckpt"
+            if not last.is_file():
+                raise CheckpointError(f"--ckpt_path last: there is no checkpoint to resume at {last}")
+            config.ckpt_path = str(last)
+        if config.ckpt_path in ("best", "hpc", "registry"):
+            return
+        trained = load_checkpoint(config.ckpt_path)["hyper_parameters"]
+        for key in ("min_degree", "max_degree"):
+            if trained.get(key) != config.model[key]:
+                raise CheckpointError(
+                    f"checkpoint {config.ckpt_path} holds a model with {key}={trained.get(key)}, "
+                    f"but the configured model has {key}={config.model[key]}"
+                )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = list(config.get("callbacks") or []) + [RunReport()]
+        if config.get("enable_progress_bar") is not False:
+            callbacks.append(StepProgressBar())
+        if config.get("enable_checkpointing") is not False:
+            # One fixed folder per default_root_dir, so a new process (a new log version) finds `last.ckpt`.
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=_checkpoint_dir(config.get("default_root_dir")),
+                    filename="best-{step}",
+                    monitor="val/expected_loss",
+                    save_last=True,
+                )
+            )
+        plugins = list(config.get("plugins") or []) + [SafeCheckpointIO()]
+        return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
+
+
+def _checkpoint_dir(default_root_dir: str | None) -> Path:
+    return Path(default_root_dir or os.getcwd()) / "checkpoints"
+
+
+def main(args: ArgsType = None) -> None:
+    """Run the command line; ``args`` stands in for ``sys.argv[1:]`` so tests can call it directly."""
+    try:
+        DynnetCLI(args=args)
+    except USER_ERRORS as err:
+        if os.environ.get("DYNNET_DEBUG"):
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the source formatted
+        sys.exit(f"dynnet: error: {message}")
+
+
+if __name__ == "__main__":
+    main()

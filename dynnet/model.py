@@ -1,0 +1,106 @@
+"""The tutorial's random-depth polynomial with one shared weight, as a plain ``nn.Module``."""
+
+import random
+import string
+
+import torch
+from torch import Tensor, nn
+
+# Coefficients are named a, b, c, ... as in the tutorial's Result line; the last letter is the shared one.
+MAX_MIN_DEGREE = len(string.ascii_lowercase) - 2
+
+
+class DynamicPolynomial(nn.Module):
+    """y = c_0 + c_1 x + ... + c_m x^m + s x^(m+1) + ... + s x^k, with k drawn uniformly from [m, M] per call.
+
+    m is ``min_degree`` and M is ``max_degree``: every power above m shares the one coefficient s.
+    """
+
+    def __init__(self, min_degree: int = 3, max_degree: int = 5) -> None:
+        super().__init__()
+        if not 0 <= min_degree <= MAX_MIN_DEGREE:
+            raise ValueError(f"min_degree must be between 0 and {MAX_MIN_DEGREE}, got {min_degree}")
+        if max_degree < min_degree:
+            raise ValueError(f"max_degree must be at least min_degree={min_degree}, got {max_degree}")
+        self.min_degree = min_degree
+        self.max_degree = max_degree
+        # One scalar parameter per coefficient, drawn in order with torch.randn(()) as the tutorial does, so a
+        # seeded run starts from the tutorial's numbers.
+        self.coefficients = nn.ParameterList(torch.randn(()) for _ in range(min_degree + 1))
+        self.shared = nn.Parameter(torch.randn(()))
+        # The model owns its degree generator: seeded from the run's seed it gives the same draws on every
+        # process, and its state travels in checkpoints. random.Random(S).randint(m, M) draws the same
+        # sequence as the tutorial's random.seed(S); random.randint(m + 1, M + 1) - 1.
+        self.rng = random.Random()
+
+    def draw_degree(self) -> int:
+        return self.rng.randint(self.min_degree, self.max_degree)
+
+    def powers(self, x: Tensor) -> list[Tensor]:
+        """x**0 ... x**max_degree. They never change for a fixed x, so training computes them once per batch."""
+        return [x**p for p in range(self.max_degree + 1)]
+
+    def evaluate(self, powers: list[Tensor], degree: int) -> Tensor:
+        """The degree-``degree`` polynomial from precomputed ``powers`` of x."""
+        return polynomial(powers, degree, list(self.coefficients), self.shared)
+
+    def forward(self, x: Tensor, degree: int | None = None) -> Tensor:
+        """The polynomial at x, of the given degree, or of a freshly drawn one when ``degree`` is None."""
+        return self.evaluate(self.powers(x), self.draw_degree() if degree is None else degree)
+
+    def flat(self) -> Tensor:
+        """All coefficients as one vector [c_0, ..., c_m, s]."""
+        return torch.stack([*self.coefficients, self.shared])
+
+    def names(self) -> list[str]:
+        return list(string.ascii_lowercase[: self.min_degree + 2])
+
+    def formula(self) -> str:
+        """The tutorial's Result text: ``y = a + b x + c x^2 + d x^3 + e x^4 ? + e x^5 ?`` with the numbers."""
+        values = [c.item() for c in self.coefficients]
+        terms = [_term(v, p) for p, v in enumerate(values)]
+        terms += [_term(self.shared.item(), p) + " ?" for p in range(self.min_degree + 1, self.max_degree + 1)]
+        return "y = " + " + ".join(terms)
+
+
+def polynomial(powers: list[Tensor], degree: int, coefficients: list[Tensor], shared: Tensor) -> Tensor:
+    """c_0 + c_1 x + ... + c_m x^m, plus shared * x^p for each p in (m, degree]: m = len(coefficients) - 1.
+
+    The same operations in the same order as the tutorial, so float32 results match it bit for bit.
+    """
+    y = coefficients[0]
+    for p in range(1, len(coefficients)):
+        y = y + coefficients[p] * powers[p]
+    for p in range(len(coefficients), degree + 1):
+        y = y + shared * powers[p]
+    return y.expand_as(powers[0]) if degree == 0 else y  # degree 0 is one number: give it x's shape
+
+
+def _term(value: float, power: int) -> str:
+    return f"{value}" if power == 0 else f"{value} x" if power == 1 else f"{value} x^{power}"
+
+
+def design(x: Tensor, min_degree: int, max_degree: int) -> Tensor:
+    """For each degree k in [min_degree, max_degree], the matrix D_k with D_k @ flat() = the degree-k polynomial.
+
+    Shape (degrees, len(x), min_degree + 2): columns x^0 ... x^m, then the sum of the shared powers up to k.
+    """
+    powers = x.unsqueeze(-1) ** torch.arange(max_degree + 1, dtype=x.dtype, device=x.device)
+    own = powers[:, : min_degree + 1]
+    return torch.stack(
+        [torch.cat([own, powers[:, min_degree + 1 : k + 1].sum(-1, keepdim=True)], -1) for k in range(min_degree, max_degree + 1)]
+    )
+
+
+def expected_loss(theta: Tensor, design: Tensor, y: Tensor) -> Tensor:
+    """Sum-reduced squared error averaged over the degrees, each equally likely."""
+    return ((design @ theta - y) ** 2).sum(-1).mean()
+
+
+def optimum(design: Tensor, y: Tensor) -> Tensor:
+    """The coefficients that minimise ``expected_loss``: one least-squares solve over all degrees stacked.
+
+    The expected loss is a quadratic in the coefficients, so its minimiser solves the stacked system exactly.
+    """
+    stacked = design.reshape(-1, design.shape[-1])
+    return torch.linalg.lstsq(stacked, y.repeat(design.shape[0]).unsqueeze(-1)).solution.squeeze(-1)
