@@ -2,6 +2,7 @@
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,10 @@ from dynnet.callbacks import RunReport, StepProgressBar
 from dynnet.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
 from dynnet.data import SineData
 from dynnet.module import DivergenceError, DynamicNet
+
+# Lightning measures log_every_n_steps against train batches, which hold many steps here; dynnet logs by
+# optimizer step itself, so the warning that an epoch has fewer batches than the interval does not apply.
+warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the logging interval")
 
 # Errors that a user's input or a run's numbers cause: shown as one line unless DYNNET_DEBUG is set.
 USER_ERRORS = (ValueError, ArgumentError, FileNotFoundError, DivergenceError)

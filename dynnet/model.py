@@ -21,7 +21,7 @@ class DynamicPolynomial(nn.Module):
         if not 0 <= min_degree <= MAX_MIN_DEGREE:
             raise ValueError(f"min_degree must be between 0 and {MAX_MIN_DEGREE}, got {min_degree}")
         if max_degree < min_degree:
-            raise ValueError(f"max_degree must be at least min_degree={min_degree}, got {max_degree}")
+            raise ValueError(f"min_degree must not exceed max_degree, got min_degree={min_degree} and max_degree={max_degree}")
         self.min_degree = min_degree
         self.max_degree = max_degree
         # One scalar parameter per coefficient, drawn in order with torch.randn(()) as the tutorial does, so a

@@ -1,0 +1,75 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, TINY, error_of, plain_loop, result
+from dynnet.checkpoint import load_checkpoint
+from dynnet.cli import main
+
+
+def test_short_fit_learns_and_writes_its_run(fit, tmp_path):
+    out, _ = fit("-c", str(ROOT / "configs" / "default.yaml"), *TINY)
+    logs = Path(out.split("Logs: ")[1].split()[0])
+    assert logs.is_relative_to(tmp_path)
+    assert list(logs.glob("events.out.tfevents.*"))
+    assert yaml.safe_load((logs / "config.yaml").read_text())["trainer"]["max_steps"] == 200
+    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 200
+    assert sum(checkpoint["degree_counts"]) == 200
+    assert list((tmp_path / "checkpoints").glob("best-step=*.ckpt"))
+    # The expected loss at the end is far below where training started.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logs)).Reload()
+    losses = [e.value for e in events.Scalars("val/expected_loss")]
+    assert [e.step for e in events.Scalars("val/expected_loss")][-1] == 200
+    assert losses[-1] < 0.9 * losses[0]
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(20, 201, 20))
+    assert result(out)  # the Result line is printed
+
+
+@pytest.mark.slow
+def test_seeded_run_matches_the_tutorial_loop_step_for_step(fit):
+    out, _ = fit("-c", str(ROOT / "configs" / "default.yaml"), "--seed_everything", "7",
+                 "--trainer.enable_progress_bar", "false")
+    ours = torch.tensor(result(out), dtype=torch.float64)
+    tutorial = torch.tensor(plain_loop("--seed", "7", "--steps", "30000"), dtype=torch.float64)
+    torch.testing.assert_close(ours, tutorial, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_config_runs(fit, config):
+    out, _ = fit("-c", str(ROOT / "configs" / config), *TINY, "--trainer.accelerator", "cpu", "--trainer.devices", "1")
+    assert len(result(out)) == 5
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--model.min_degree", "-1", "min_degree must be between 0 and 24, got -1"),
+        ("--model.min_degree", "6", "min_degree must not exceed max_degree, got min_degree=6 and max_degree=5"),
+        ("--data.n_points", "1", "n_points must be at least 2, got 1"),
+        ("--data.low", "4", "low must be below high and both finite, got low=4.0"),
+        ("--data.steps_per_epoch", "0", "steps_per_epoch must be at least 1, got 0"),
+    ],
+)
+def test_bad_values_get_one_line(tmp_path, capsys, flag, value, message):
+    error = error_of(["fit", flag, value, "--trainer.default_root_dir", str(tmp_path)], capsys)
+    assert "\n" not in error
+    assert message in error
+    assert not (tmp_path / "lightning_logs").exists()  # refused before training
+
+
+def test_module_entry_point_and_help():
+    out = subprocess.run([sys.executable, "-m", "dynnet", "fit", "--help"], capture_output=True, text=True, check=True)
+    for option in ("--model.min_degree", "--model.max_degree", "--data.n_points", "--data.steps_per_epoch", "--optimizer"):
+        assert option in out.stdout
+
+
+def test_main_takes_an_argument_list(tmp_path, capsys):
+    main(["validate", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    assert "val/expected_loss" in capsys.readouterr().out
