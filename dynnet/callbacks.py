@@ -3,6 +3,7 @@
 import sys
 import time
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from tqdm import tqdm
@@ -27,8 +28,12 @@ class StepProgressBar(ProgressBar):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         total = trainer.max_steps if trainer.max_steps > 0 else None
         self.bar = tqdm(
-            total=total, initial=trainer.global_step, unit="step", dynamic_ncols=True,
-            disable=not (self.enabled and trainer.is_global_zero), file=sys.stderr,
+            total=total,
+            initial=trainer.global_step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.enabled and trainer.is_global_zero),
+            file=sys.stderr,
             mininterval=self.refresh_seconds,
         )
 
@@ -46,11 +51,21 @@ class StepProgressBar(ProgressBar):
 
 
 class RunReport(Callback):
-    """Says where a resumed run picked up, and at the end prints the tutorial's Result line and the log folder."""
+    """Says where a resumed run picked up; at the end prints the training speed, the tutorial's Result line and
+    the log folder."""
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.start_step, self.start_time = trainer.global_step, time.perf_counter()
         if trainer.ckpt_path and trainer.is_global_zero:
             print(f"Resumed from {trainer.ckpt_path} at step {trainer.global_step}", flush=True)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - self.start_time
+        steps = trainer.global_step - self.start_step
+        if trainer.is_global_zero:
+            print(f"Trained {steps} steps in {seconds:.3f} s ({steps / seconds:.0f} steps/s)", flush=True)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:

@@ -20,12 +20,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = "it holds objects other than tensors and plain data" if "Weights only" in str(err) else "it is corrupt"
-        raise CheckpointError(f"checkpoint {path} was refused: {reason}") from err
-    except (RuntimeError, EOFError, OSError) as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        if "Unsupported global" in str(err):  # the weights-only unpickler met a class or function to call
+            refusal = "was refused: it holds objects other than tensors and plain data"
+            raise CheckpointError(f"checkpoint {path} {refusal}") from None
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a checkpoint)") from err
-    if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters", "degree_generator"} <= checkpoint.keys():
+    if (
+        not isinstance(checkpoint, dict)
+        or not {"state_dict", "hyper_parameters", "degree_generator"} <= checkpoint.keys()
+    ):
         raise CheckpointError(f"checkpoint {path} is not a dynnet checkpoint")
     return checkpoint
 
@@ -53,5 +56,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         finally:
             os.close(directory)
 
-    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         return load_checkpoint(path, map_location)

@@ -1,5 +1,6 @@
 """The ``dynnet`` command: LightningCLI over DynamicNet and SineData, with the project's run defaults."""
 
+import logging
 import os
 import sys
 import warnings
@@ -21,19 +22,33 @@ from dynnet.module import DivergenceError, DynamicNet
 # optimizer step itself, so the warning that an epoch has fewer batches than the interval does not apply.
 warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the logging interval")
 
+# The seed is in the run's config.yaml; its "Seed set to" line would precede every one-line error.
+logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+
 # Errors that a user's input or a run's numbers cause: shown as one line unless DYNNET_DEBUG is set.
 USER_ERRORS = (ValueError, ArgumentError, FileNotFoundError, DivergenceError)
 
 
 class DynnetCLI(LightningCLI):
     def __init__(self, args: ArgsType = None) -> None:
-        super().__init__(DynamicNet, SineData, args=args, parser_kwargs={"exit_on_error": False})
+        super().__init__(
+            DynamicNet,
+            SineData,
+            args=args,
+            # Reproducible by default: a run without a seed is the same every time (Lightning's default is to warn
+            # and use 0 anyway).
+            seed_everything_default=0,
+            # Parse errors raise instead of printing usage, so main() can report them on one line.
+            parser_kwargs={"exit_on_error": False},
+        )
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_optimizer_args((Optimizer,))
         parser.add_lr_scheduler_args(LRSchedulerTypeTuple)
         # With no optimizer given, train as the tutorial does: plain SGD is too slow on this model without momentum.
-        parser.set_defaults({"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 1e-8, "momentum": 0.9}}})
+        parser.set_defaults(
+            {"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 1e-8, "momentum": 0.9}}}
+        )
 
     @staticmethod
     def configure_optimizers(lightning_module: LightningModule, optimizer: Optimizer, lr_scheduler: Any = None) -> Any:
@@ -41,7 +56,10 @@ class DynnetCLI(LightningCLI):
         if lr_scheduler is None:
             return optimizer
         if isinstance(lr_scheduler, ReduceLROnPlateau):
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "monitor": lr_scheduler.monitor}}
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": lr_scheduler, "monitor": lr_scheduler.monitor},
+            }
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
 
     def parse_arguments(self, parser, args: ArgsType) -> None:
@@ -69,9 +87,10 @@ class DynnetCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
-        callbacks = list(config.get("callbacks") or []) + [RunReport()]
+        callbacks = list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False:
-            callbacks.append(StepProgressBar())
+            callbacks.append(StepProgressBar())  # before RunReport, so the bar closes before the report prints
+        callbacks.append(RunReport())
         if config.get("enable_checkpointing") is not False:
             # One fixed folder per default_root_dir, so a new process (a new log version) finds `last.ckpt`.
             callbacks.append(

@@ -21,7 +21,9 @@ class DynamicPolynomial(nn.Module):
         if not 0 <= min_degree <= MAX_MIN_DEGREE:
             raise ValueError(f"min_degree must be between 0 and {MAX_MIN_DEGREE}, got {min_degree}")
         if max_degree < min_degree:
-            raise ValueError(f"min_degree must not exceed max_degree, got min_degree={min_degree} and max_degree={max_degree}")
+            raise ValueError(
+                f"min_degree must not exceed max_degree, got min_degree={min_degree} and max_degree={max_degree}"
+            )
         self.min_degree = min_degree
         self.max_degree = max_degree
         # One scalar parameter per coefficient, drawn in order with torch.randn(()) as the tutorial does, so a
@@ -88,7 +90,10 @@ def design(x: Tensor, min_degree: int, max_degree: int) -> Tensor:
     powers = x.unsqueeze(-1) ** torch.arange(max_degree + 1, dtype=x.dtype, device=x.device)
     own = powers[:, : min_degree + 1]
     return torch.stack(
-        [torch.cat([own, powers[:, min_degree + 1 : k + 1].sum(-1, keepdim=True)], -1) for k in range(min_degree, max_degree + 1)]
+        [
+            torch.cat([own, powers[:, min_degree + 1 : k + 1].sum(-1, keepdim=True)], -1)
+            for k in range(min_degree, max_degree + 1)
+        ]
     )
 
 

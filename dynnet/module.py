@@ -1,5 +1,7 @@
 """The LightningModule that trains a DynamicPolynomial on the full batch, many optimizer steps per batch."""
 
+import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -7,6 +9,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from dynnet.checkpoint import load_checkpoint
 from dynnet.model import DynamicPolynomial, design, expected_loss, optimum, polynomial
 
 
@@ -140,6 +143,20 @@ class DynamicNet(LightningModule):
         # "step" sets the x-axis of these points to the optimizer step, as for train/loss.
         self.log_dict(metrics | {"step": float(self.global_step)}, sync_dist=True)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike, map_location: Any = None, **kwargs: Any):
+        """Rebuild a trained module from a dynnet checkpoint, read weights-only.
+
+        Unlike Lightning's version this never imports or calls anything the checkpoint names (its
+        ``_instantiator`` hyper-parameter): the class is this one, built from the two degrees.
+        """
+        checkpoint = load_checkpoint(checkpoint_path, map_location or "cpu")
+        degrees = {key: checkpoint["hyper_parameters"][key] for key in ("min_degree", "max_degree")}
+        module = cls(**(degrees | kwargs))
+        module.load_state_dict(checkpoint["state_dict"])
+        module.on_load_checkpoint(checkpoint)
+        return module
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["degree_generator"] = self.model.rng.getstate()
         checkpoint["degree_counts"] = list(self.degree_counts)
@@ -155,5 +172,3 @@ def _sum_gradients(params: list[Tensor]) -> None:
     torch.distributed.all_reduce(flat)
     for p, g in zip(params, flat):
         p.grad.copy_(g)
-
-

@@ -15,21 +15,37 @@ import time
 import torch
 
 
-def train(seed: int, steps: int, n_points: int = 2000, dtype: torch.dtype = torch.float32) -> list[float]:
+def train(
+    seed: int,
+    steps: int,
+    n_points: int = 2000,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    cache_powers: bool = False,
+    lr: float = 1e-8,
+) -> list[float]:
     torch.manual_seed(seed)
     random.seed(seed)
-    a, b, c, d, e = (torch.nn.Parameter(torch.randn(()).to(dtype)) for _ in range(5))
-    x = torch.linspace(-math.pi, math.pi, n_points).to(dtype)
-    y = torch.sin(torch.linspace(-math.pi, math.pi, n_points)).to(dtype)
-    optimizer = torch.optim.SGD([a, b, c, d, e], lr=1e-8, momentum=0.9)
+    a, b, c, d, e = (torch.nn.Parameter(torch.randn(()).to(device, dtype)) for _ in range(5))
+    x = torch.linspace(-math.pi, math.pi, n_points)
+    x, y = x.to(device, dtype), torch.sin(x).to(device, dtype)
+    optimizer = torch.optim.SGD([a, b, c, d, e], lr=lr, momentum=0.9)
+    # x**p is the same at every step: computed once it gives the same numbers with fewer operations (dynnet does).
+    powers = [x**p for p in range(6)]
+
+    def power(p: int) -> torch.Tensor:
+        return powers[p] if cache_powers else x**p
+
     for _ in range(steps):
-        prediction = a + b * x + c * x**2 + d * x**3
-        for power in range(4, random.randint(4, 6)):  # 4, 5 or 6: no, one or two shared terms
-            prediction = prediction + e * x**power
+        prediction = a + b * x + c * power(2) + d * power(3)
+        for p in range(4, random.randint(4, 6)):  # 4, 5 or 6: no, one or two shared terms
+            prediction = prediction + e * power(p)
         loss = torch.nn.functional.mse_loss(prediction, y, reduction="sum")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    if device != "cpu":
+        torch.cuda.synchronize()
     return [p.item() for p in (a, b, c, d, e)]
 
 
@@ -39,9 +55,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30000)
     parser.add_argument("--n-points", type=int, default=2000)
     parser.add_argument("--float64", action="store_true", help="train in float64 (the data is made in float32)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lr", type=float, default=1e-8)
+    parser.add_argument("--cache-powers", action="store_true", help="compute x**p once, as dynnet does")
     args = parser.parse_args()
+    dtype = torch.float64 if args.float64 else torch.float32
     start = time.perf_counter()
-    a, b, c, d, e = train(args.seed, args.steps, args.n_points, torch.float64 if args.float64 else torch.float32)
+    a, b, c, d, e = train(args.seed, args.steps, args.n_points, dtype, args.device, args.cache_powers, args.lr)
     seconds = time.perf_counter() - start
     print(f"Result: y = {a} + {b} x + {c} x^2 + {d} x^3 + {e} x^4 ? + {e} x^5 ?")
     print(f"Seconds: {seconds} for {args.steps} steps")

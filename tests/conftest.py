@@ -12,13 +12,20 @@ RESULT = re.compile(r"^Result: y = (\S+) \+ (\S+) x \+ (\S+) x\^2 \+ (\S+) x\^3 
 
 # A few hundred steps, two epochs, no progress display: what most CLI tests need, in a second or two.
 TINY = [
-    "--seed_everything", "3",
-    "--trainer.max_steps", "200",
-    "--trainer.log_every_n_steps", "20",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
-    "--data.steps_per_epoch", "100",
-    "--data.steps_per_batch", "50",
+    "--seed_everything",
+    "3",
+    "--trainer.max_steps",
+    "200",
+    "--trainer.log_every_n_steps",
+    "20",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--data.steps_per_epoch",
+    "100",
+    "--data.steps_per_batch",
+    "50",
 ]
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT, TINY, error_of, plain_loop, result
+
 from dynnet.checkpoint import load_checkpoint
 from dynnet.cli import main
 
@@ -34,8 +34,9 @@ def test_short_fit_learns_and_writes_its_run(fit, tmp_path):
 
 @pytest.mark.slow
 def test_seeded_run_matches_the_tutorial_loop_step_for_step(fit):
-    out, _ = fit("-c", str(ROOT / "configs" / "default.yaml"), "--seed_everything", "7",
-                 "--trainer.enable_progress_bar", "false")
+    out, _ = fit(
+        "-c", str(ROOT / "configs" / "default.yaml"), "--seed_everything", "7", "--trainer.enable_progress_bar", "false"
+    )
     ours = torch.tensor(result(out), dtype=torch.float64)
     tutorial = torch.tensor(plain_loop("--seed", "7", "--steps", "30000"), dtype=torch.float64)
     torch.testing.assert_close(ours, tutorial, rtol=1e-6, atol=0)
@@ -66,7 +67,13 @@ def test_bad_values_get_one_line(tmp_path, capsys, flag, value, message):
 
 def test_module_entry_point_and_help():
     out = subprocess.run([sys.executable, "-m", "dynnet", "fit", "--help"], capture_output=True, text=True, check=True)
-    for option in ("--model.min_degree", "--model.max_degree", "--data.n_points", "--data.steps_per_epoch", "--optimizer"):
+    for option in (
+        "--model.min_degree",
+        "--model.max_degree",
+        "--data.n_points",
+        "--data.steps_per_epoch",
+        "--optimizer",
+    ):
         assert option in out.stdout
 
 
