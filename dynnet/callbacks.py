@@ -68,6 +68,7 @@ class RunReport(Callback):
             print(f"Trained {steps} steps in {seconds:.3f} s ({steps / seconds:.0f} steps/s)", flush=True)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_dir = trainer.log_dir  # a collective under DDP: every process must ask
         if trainer.is_global_zero:
             print(f"Result: {pl_module.model.formula()}")
-            print(f"Logs: {trainer.log_dir}", flush=True)
+            print(f"Logs: {log_dir}", flush=True)

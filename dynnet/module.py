@@ -167,8 +167,13 @@ class DynamicNet(LightningModule):
 
 
 def _sum_gradients(params: list[Tensor]) -> None:
-    """Make every process's gradient the full-batch one: the loss is a sum over slices, so gradients add."""
-    flat = torch.stack([p.grad for p in params])
+    """Make every process's gradient the full-batch one: the loss is a sum over slices, so gradients add.
+
+    A parameter the drawn degree leaves out (the shared one at the lowest degree) has no gradient on any
+    process, since all draw the same degree, and keeps none, so the optimizer skips it as in one process.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.stack(grads)
     torch.distributed.all_reduce(flat)
-    for p, g in zip(params, flat):
-        p.grad.copy_(g)
+    for grad, total in zip(grads, flat):
+        grad.copy_(total)

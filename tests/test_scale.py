@@ -1,0 +1,74 @@
+"""Data parallelism and precision by flag: every launch mode gives the one-process answer."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, plain_loop, result
+
+# The default config, shortened to 2000 steps (one epoch), as the README's scale-out commands run it.
+FIT = [
+    "-m", "dynnet", "fit", "-c", str(ROOT / "configs" / "default.yaml"),
+    "--trainer.max_steps", "2000", "--trainer.enable_progress_bar", "false",
+]  # fmt: skip
+DDP = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def fit(tmp_path, *args: str, launcher: tuple[str, ...] = (sys.executable,)) -> list[float]:
+    out = subprocess.run(
+        [*launcher, *FIT, *args, "--trainer.default_root_dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return result(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> torch.Tensor:
+    return torch.tensor(fit(tmp_path_factory.mktemp("one")), dtype=torch.float64)
+
+
+def assert_same(params: list[float], reference: torch.Tensor) -> None:
+    torch.testing.assert_close(torch.tensor(params, dtype=torch.float64), reference, rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+def test_ddp_launched_by_lightning(tmp_path, one_process):
+    assert_same(fit(tmp_path, *DDP, "--trainer.devices", "2"), one_process)
+
+
+@pytest.mark.slow
+def test_torchrun(tmp_path, one_process):
+    launcher = (*TORCHRUN, "--standalone", "--nproc_per_node", "2")
+    assert_same(fit(tmp_path, *DDP, "--trainer.devices", "2", launcher=launcher), one_process)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine(tmp_path, one_process):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = []
+    for rank in (0, 1):
+        launcher = [*TORCHRUN, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+                    "--master_addr", "127.0.0.1", "--master_port", str(port)]  # fmt: skip
+        args = [*DDP, "--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.default_root_dir", str(tmp_path)]
+        nodes.append(
+            subprocess.Popen([*launcher, *FIT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    assert_same(result(outputs[0][0]), one_process)  # node 0 holds global rank 0, which reports
+
+
+def test_float64_matches_a_float64_plain_loop(tmp_path):
+    ours = fit(tmp_path, "--trainer.precision", "64-true", "--seed_everything", "2", "--trainer.max_steps", "300")
+    assert ours == plain_loop("--float64", "--seed", "2", "--steps", "300")
+
+
+def test_bf16_mixed_runs_on_cpu(tmp_path):
+    assert len(fit(tmp_path, "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "300")) == 5
