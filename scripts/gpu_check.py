@@ -4,7 +4,8 @@
     python scripts/gpu_check.py --steps 30000
 
 The two devices round differently, and this model's slow directions let rounding differences build up
-(about 1e-3 relative on the smallest coefficient over 30000 steps), so they are compared to 1e-3.
+(on CPU alone, reordering the float32 sums moves the tiny shared coefficient by up to 2% over 30000 steps),
+so the coefficient vectors are compared as a whole: |gpu - cpu| / |cpu| must stay below 1e-4.
 """
 
 import argparse
@@ -44,10 +45,10 @@ def main() -> None:
     gpu, gpu_speed = fit("gpu", args.steps)
     cpu, cpu_speed = fit("cpu", args.steps)
     print(f"gpu: {gpu_speed}\ncpu: {cpu_speed}")
-    worst = max(abs(g - c) / abs(c) for g, c in zip(gpu, cpu))
-    print(f"gpu {gpu}\ncpu {cpu}\nlargest relative difference: {worst:.2e}")
-    if worst > 1e-3:
-        sys.exit("gpu_check: FAILED, the GPU run differs from the CPU run by more than 1e-3")
+    difference = (torch.tensor(gpu) - torch.tensor(cpu)).norm() / torch.tensor(cpu).norm()
+    print(f"gpu {gpu}\ncpu {cpu}\nrelative difference: {difference:.2e}")
+    if difference > 1e-4:
+        sys.exit("gpu_check: FAILED, the GPU run differs from the CPU run by more than 1e-4")
     print("gpu_check: OK")
 
 
