@@ -11,16 +11,22 @@ from jsonargparse import ArgumentError
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI, LRSchedulerTypeTuple, ReduceLROnPlateau
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch.optim import Optimizer
 
 from dynnet.callbacks import RunReport, StepProgressBar
 from dynnet.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
 from dynnet.data import SineData
 from dynnet.module import DivergenceError, DynamicNet
+from dynnet.predictions import PredictionCSV
+from dynnet.tensorboard import TensorBoardExtras
 
 # Lightning measures log_every_n_steps against train batches, which hold many steps here; dynnet logs by
 # optimizer step itself, so the warning that an epoch has fewer batches than the interval does not apply.
 warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the logging interval")
+
+# Lightning's own use of a deprecated torch API; nothing a dynnet user can act on.
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
 
 # The seed is in the run's config.yaml; its "Seed set to" line would precede every one-line error.
 logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
@@ -43,6 +49,7 @@ class DynnetCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(PredictionCSV, "predictions")
         parser.add_optimizer_args((Optimizer,))
         parser.add_lr_scheduler_args(LRSchedulerTypeTuple)
         # With no optimizer given, train as the tutorial does: plain SGD is too slow on this model without momentum.
@@ -90,7 +97,7 @@ class DynnetCLI(LightningCLI):
         callbacks = list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False:
             callbacks.append(StepProgressBar())  # before RunReport, so the bar closes before the report prints
-        callbacks.append(RunReport())
+        callbacks += [RunReport(), TensorBoardExtras()]
         if config.get("enable_checkpointing") is not False:
             # One fixed folder per default_root_dir, so a new process (a new log version) finds `last.ckpt`.
             callbacks.append(
@@ -102,6 +109,10 @@ class DynnetCLI(LightningCLI):
                 )
             )
         plugins = list(config.get("plugins") or []) + [SafeCheckpointIO()]
+        if config.get("logger") in (None, True):
+            # Lightning's default logger, minus its placeholder hp_metric: TensorBoardExtras links the
+            # hyper-parameters to the final expected loss instead.
+            kwargs["logger"] = TensorBoardLogger(config.get("default_root_dir") or os.getcwd(), default_hp_metric=False)
         return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
 
 

@@ -107,7 +107,7 @@ class DynamicNet(LightningModule):
         values = torch.cat([loss.reshape(1), self.model.flat().detach()]).tolist()
         metrics = {"train/loss": values[0]}
         metrics |= {f"coef/{name}": v for name, v in zip(self.model.names(), values[1:])}
-        metrics["lr"] = self.optimizers().optimizer.param_groups[0]["lr"]
+        metrics["train/lr"] = self.optimizers().optimizer.param_groups[0]["lr"]
         total = sum(self.degree_counts)
         for degree, count in enumerate(self.degree_counts, self.model.min_degree):
             metrics[f"degree/{degree}"] = count / total
@@ -132,6 +132,14 @@ class DynamicNet(LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._log_expected_loss(batch, "test")
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        x, y = batch
+        powers = self.model.powers(x)
+        degrees = range(self.model.min_degree, self.model.max_degree + 1)
+        predictions = {f"degree_{k}": self.model.evaluate(powers, k) for k in degrees}
+        expected = torch.stack(list(predictions.values())).mean(0)
+        return {"x": x, "target": y} | predictions | {"expected": expected}
 
     def _log_expected_loss(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         # float64 and every degree at once: deterministic, and exact enough to compare with the optimum.

@@ -1,0 +1,81 @@
+"""Using a trained checkpoint without writing code: predictions as CSV, the polynomial as JSON."""
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from dynnet.checkpoint import CheckpointError
+from dynnet.module import DynamicNet
+
+
+class PredictionCSV(Callback):
+    """Writes what ``dynnet predict`` computes to a CSV file: x, the target, the prediction at each degree and
+    the expected prediction (the mean over the equally likely degrees)."""
+
+    def __init__(self, path: str | None = None) -> None:
+        """
+        Args:
+            path: Where ``dynnet predict`` writes its CSV; by default predictions.csv in the trainer's
+                default_root_dir.
+        """
+        self.path = path
+        self.rows: list[dict[str, torch.Tensor]] = []
+
+    def on_predict_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx, dataloader_idx=0
+    ):
+        self.rows.append(outputs)
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        path = Path(self.path or Path(trainer.default_root_dir) / "predictions.csv")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        columns = list(self.rows[0])
+        with open(path, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(columns)
+            for batch in self.rows:
+                writer.writerows(zip(*(batch[c].tolist() for c in columns)))
+        self.rows = []
+        print(f"Predictions: {path}", flush=True)
+
+
+def export(checkpoint_path: str | os.PathLike) -> dict:
+    """The fitted polynomial of a checkpoint, as plain data."""
+    module = DynamicNet.load_from_checkpoint(checkpoint_path)
+    model = module.model
+    names = model.names()
+    values = model.flat().tolist()
+    shared = list(range(model.min_degree + 1, model.max_degree + 1))
+    return {
+        "min_degree": model.min_degree,
+        "max_degree": model.max_degree,
+        "coefficients": dict(zip(names, values)),
+        "powers": {name: [p] for p, name in enumerate(names[:-1])} | {names[-1]: shared},
+        "degree": f"drawn uniformly from {model.min_degree} to {model.max_degree} at every evaluation",
+        "result": f"Result: {model.formula()}",
+    }
+
+
+def export_main(args: list[str] | None = None) -> None:
+    """``dynnet-export CHECKPOINT [-o FILE]``: write a checkpoint's fitted polynomial as JSON."""
+    parser = argparse.ArgumentParser(
+        prog="dynnet-export", description="Write a checkpoint's fitted polynomial as JSON."
+    )
+    parser.add_argument("checkpoint", help="a checkpoint written by dynnet fit")
+    parser.add_argument("-o", "--output", help="the JSON file to write (default: the checkpoint's name with .json)")
+    options = parser.parse_args(args)
+    output = Path(options.output or Path(options.checkpoint).with_suffix(".json"))
+    try:
+        polynomial = export(options.checkpoint)
+    except CheckpointError as err:
+        sys.exit(f"dynnet-export: error: {err}")
+    output.write_text(json.dumps(polynomial, indent=2) + "\n")
+    print(f"Wrote {output}")

@@ -1,0 +1,146 @@
+"""A short run read back through a real TensorBoard server's HTTP API, and the ways to use a checkpoint."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+from conftest import ROOT, TINY, result
+
+from dynnet.cli import main
+from dynnet.predictions import export_main
+
+COEFFICIENTS = [f"coef/{name}" for name in "abcde"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 200-step fit logging every 20 steps, validated at steps 100 and 200."""
+    root = tmp_path_factory.mktemp("run")
+    main(["fit", "-c", str(ROOT / "configs" / "default.yaml"), *TINY, "--trainer.default_root_dir", str(root)])
+    return root
+
+
+@pytest.fixture(scope="module")
+def tensorboard(run):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(run / "lightning_logs"), "--host", "127.0.0.1",
+         "--port", str(port), "--load_fast", "false", "--reload_interval", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+
+    def get(path: str, **query):
+        url = f"{base}{path}?{urllib.parse.urlencode(query)}" if query else f"{base}{path}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # until the server answers and has loaded the run's scalars
+            try:
+                if get("/data/plugin/scalars/tags").get("version_0", {}).get("val/expected_loss"):
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "TensorBoard did not serve the run within 90 s"
+            time.sleep(0.5)
+        yield get
+    finally:
+        os.kill(server.pid, signal.SIGTERM)  # the server this fixture started, by its own process id
+        server.wait(timeout=30)
+
+
+def test_tensorboard_serves_the_whole_story(tensorboard):
+    scalars = tensorboard("/data/plugin/scalars/tags")["version_0"]
+    for tag in ["train/loss", "train/lr", "val/expected_loss", "val/optimality_gap", *COEFFICIENTS,
+                "degree/3", "degree/4", "degree/5"]:  # fmt: skip
+        assert tag in scalars, tag
+    points = tensorboard("/data/plugin/scalars/scalars", run="version_0", tag="train/loss")
+    assert [step for _, step, _ in points] == list(range(20, 201, 20))  # one point per logging interval
+    gaps = tensorboard("/data/plugin/scalars/scalars", run="version_0", tag="val/optimality_gap")
+    assert [step for _, step, _ in gaps] == [100, 200]
+    images = tensorboard("/data/plugin/images/tags")["version_0"]
+    assert "val/fit" in images
+    assert len(tensorboard("/data/plugin/images/images", run="version_0", tag="val/fit")) == 2
+    assert "result/text_summary" in tensorboard("/data/plugin/text/tags")["version_0"]
+    assert "hp/expected_loss" in scalars  # the metric the hyper-parameters are linked to
+
+
+def test_predict_writes_a_csv(run, tmp_path, capsys):
+    output = tmp_path / "out" / "predictions.csv"
+    main(["predict", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--predictions.path", str(output),
+          "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    assert f"Predictions: {output}" in capsys.readouterr().out
+    rows = list(csv.DictReader(output.open()))
+    assert len(rows) == 2000
+    assert list(rows[0]) == ["x", "target", "degree_3", "degree_4", "degree_5", "expected"]
+    row = rows[1234]
+    mean = sum(float(row[f"degree_{k}"]) for k in (3, 4, 5)) / 3
+    assert float(row["expected"]) == pytest.approx(mean, rel=1e-5)
+
+
+def test_test_and_validate_report_the_gap(run, tmp_path, capsys):
+    for subcommand, stage in (("test", "test"), ("validate", "val")):
+        main([subcommand, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--trainer.default_root_dir",
+              str(tmp_path)])  # fmt: skip
+        out = capsys.readouterr().out
+        assert f"{stage}/expected_loss" in out and f"{stage}/optimality_gap" in out
+
+
+def test_export_gives_the_polynomial(run, tmp_path, capsys):
+    output = tmp_path / "polynomial.json"
+    export_main([str(run / "checkpoints" / "last.ckpt"), "-o", str(output)])
+    polynomial = json.loads(output.read_text())
+    assert polynomial["powers"]["e"] == [4, 5]
+    assert list(polynomial["coefficients"].values()) == result(polynomial["result"])
+
+
+def test_export_refuses_a_bad_checkpoint(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match=f"dynnet-export: error: checkpoint {bad} is unreadable"):
+        export_main([str(bad)])
+
+
+def test_print_config_round_trips(tmp_path):
+    printed = subprocess.run(
+        [sys.executable, "-m", "dynnet", "fit", "-c", str(ROOT / "configs" / "fast.yaml"), "--print_config"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    config = tmp_path / "edited.yaml"
+    config.write_text(printed.replace("max_steps: 3000", "max_steps: 50"))
+    out = subprocess.run(
+        [sys.executable, "-m", "dynnet", "fit", "-c", str(config), "--trainer.default_root_dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Trained 50 steps" in out.stdout
+
+
+def test_help_documents_every_option():
+    out = subprocess.run([sys.executable, "-m", "dynnet", "fit", "--help"], capture_output=True, text=True).stdout
+    for option, words in [
+        ("--model.min_degree", "Lowest degree drawn"),
+        ("--model.max_degree", "Highest degree drawn"),
+        ("--data.n_points", "How many points"),
+        ("--data.low", "Left end"),
+        ("--data.high", "Right end"),
+        ("--data.steps_per_epoch", "Optimizer steps in one epoch"),
+        ("--data.steps_per_batch", "Optimizer steps taken on each item"),
+        ("--predictions.path", "Where ``dynnet predict`` writes"),
+    ]:
+        assert option in out and words in out, option
