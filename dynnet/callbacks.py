@@ -39,7 +39,7 @@ class StepProgressBar(ProgressBar):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         now = time.monotonic()
-        if self.bar.disable or now - self.last_draw < self.refresh_seconds:
+        if self.bar.disable or pl_module.last_loss is None or now - self.last_draw < self.refresh_seconds:
             return
         self.last_draw = now
         self.bar.set_postfix(loss=f"{pl_module.last_loss.item():.4g}", refresh=False)

@@ -47,7 +47,7 @@ class SineData(LightningDataModule):
         low: float = -math.pi,
         high: float = math.pi,
         steps_per_epoch: int = 2000,
-        steps_per_batch: int = 100,
+        steps_per_batch: int = 500,
     ) -> None:
         """
         Args:

@@ -83,33 +83,33 @@ def main() -> None:
     train_seconds("dynnet", 10, 2000, device)
 
     results = {"machine": _machine(device), "end_to_end": {}, "per_step_us": {}}
-    if device == "cpu":
-        walls = {"dynnet": [], "plain": []}
-        rss = {"dynnet": [], "plain": []}
-        for _ in range(args.repeats):
-            with tempfile.TemporaryDirectory() as root:
-                commands = {
-                    "dynnet": [*DYNNET, "--trainer.default_root_dir", root, "--trainer.enable_progress_bar", "true"],
-                    "plain": [*PLAIN, "--steps", "30000"],
-                }
-                for kind, command in commands.items():
-                    _, seconds, peak = run(command)
-                    walls[kind].append(seconds)
-                    rss[kind].append(peak)
-            print(f"end to end: dynnet {walls['dynnet'][-1]:.2f} s, plain {walls['plain'][-1]:.2f} s", flush=True)
-        ratio = [d / p for d, p in zip(walls["dynnet"], walls["plain"])]
-        results["end_to_end"] = {
-            "dynnet_s": spread(walls["dynnet"]),
-            "plain_s": spread(walls["plain"]),
-            "ratio": spread(ratio),
-            "dynnet_peak_rss_mib": spread(rss["dynnet"]),
-            "plain_peak_rss_mib": spread(rss["plain"]),
-        }
+    walls = {"dynnet": [], "plain": []}
+    rss = {"dynnet": [], "plain": []}
+    accelerator = ["--trainer.accelerator", args.accelerator]
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as root:
+            commands = {
+                "dynnet": [*DYNNET, *accelerator, "--trainer.default_root_dir", root],
+                "plain": [*PLAIN, "--steps", "30000", "--device", device],
+            }
+            for kind, command in commands.items():
+                _, seconds, peak = run(command)
+                walls[kind].append(seconds)
+                rss[kind].append(peak)
+        print(f"end to end: dynnet {walls['dynnet'][-1]:.2f} s, plain {walls['plain'][-1]:.2f} s", flush=True)
+    results["end_to_end"] = {
+        "dynnet_s": spread(walls["dynnet"]),
+        "plain_s": spread(walls["plain"]),
+        "ratio": spread([d / p for d, p in zip(walls["dynnet"], walls["plain"])]),
+        "dynnet_peak_rss_mib": spread(rss["dynnet"]),
+        "plain_peak_rss_mib": spread(rss["plain"]),
+    }
 
     for size in (int(s) for s in args.sizes):
-        # Long enough to time well, short enough for the sweep: about 24 M point-steps for the longer run.
-        long = max(60, int(24e6 / size))
-        short = long // 6
+        # The longer run takes about 4 s (a step costs roughly 500 us + 15 ns a point on 2 cores), the shorter a
+        # fifth of that: long enough that the slope between them is not noise.
+        long = max(50, int(4 / (5e-4 + 1.5e-8 * size)))
+        short = long // 5
         per_step = {"dynnet": [], "plain": []}
         for _ in range(args.repeats):
             for kind in per_step:
@@ -151,17 +151,15 @@ def _fmt(s: dict, unit: str = "") -> str:
 
 
 def _table(results: dict) -> str:
-    lines = ["| measurement | dynnet | plain loop | ratio |", "|---|---|---|---|"]
     e2e = results["end_to_end"]
-    if e2e:
-        lines.append(
-            f"| end to end, default config (30000 steps) | {_fmt(e2e['dynnet_s'], ' s')} | "
-            f"{_fmt(e2e['plain_s'], ' s')} | {_fmt(e2e['ratio'])} |"
-        )
-        lines.append(
-            f"| peak resident memory | {_fmt(e2e['dynnet_peak_rss_mib'], ' MiB')} | "
-            f"{_fmt(e2e['plain_peak_rss_mib'], ' MiB')} | |"
-        )
+    lines = [
+        "| measurement | dynnet | plain loop | ratio |",
+        "|---|---|---|---|",
+        f"| end to end, default config (30000 steps) | {_fmt(e2e['dynnet_s'], ' s')} | {_fmt(e2e['plain_s'], ' s')} "
+        f"| {_fmt(e2e['ratio'])} |",
+        f"| peak resident memory | {_fmt(e2e['dynnet_peak_rss_mib'], ' MiB')} | "
+        f"{_fmt(e2e['plain_peak_rss_mib'], ' MiB')} | |",
+    ]
     for size, row in results["per_step_us"].items():
         lines.append(
             f"| per step, n_points={size} | {_fmt(row['dynnet'], ' µs')} | {_fmt(row['plain'], ' µs')} | "

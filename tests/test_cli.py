@@ -1,5 +1,3 @@
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -63,18 +61,6 @@ def test_bad_values_get_one_line(tmp_path, capsys, flag, value, message):
     assert "\n" not in error
     assert message in error
     assert not (tmp_path / "lightning_logs").exists()  # refused before training
-
-
-def test_module_entry_point_and_help():
-    out = subprocess.run([sys.executable, "-m", "dynnet", "fit", "--help"], capture_output=True, text=True, check=True)
-    for option in (
-        "--model.min_degree",
-        "--model.max_degree",
-        "--data.n_points",
-        "--data.steps_per_epoch",
-        "--optimizer",
-    ):
-        assert option in out.stdout
 
 
 def test_main_takes_an_argument_list(tmp_path, capsys):
