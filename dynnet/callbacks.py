@@ -49,6 +49,10 @@ class StepProgressBar(ProgressBar):
         self.bar.update(trainer.global_step - self.bar.n)
         self.bar.close()
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self.bar is not None:
+            self.bar.close()  # end the bar's line, so the error that follows gets one of its own
+
 
 class RunReport(Callback):
     """Says where a resumed run picked up; at the end prints the training speed, the tutorial's Result line and
