@@ -41,6 +41,8 @@ class DynnetCLI(LightningCLI):
             DynamicNet,
             SineData,
             args=args,
+            # Without a config, `dynnet fit` is the tutorial's run rather than Lightning's 1000 epochs.
+            trainer_defaults={"max_steps": 30000},
             # Reproducible by default: a run without a seed is the same every time (Lightning's default is to warn
             # and use 0 anyway).
             seed_everything_default=0,
