@@ -44,7 +44,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 raise CheckpointError(f"refusing to save {path}: parameter {name} is not finite")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary = path.with_name(f".{path.name}.tmp")  # one saver (rank 0); a leftover is overwritten next time
         with open(temporary, "wb") as file:
             torch.save(checkpoint, file)
             file.flush()

@@ -82,6 +82,8 @@ def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeyp
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
+    io.save_checkpoint({"state_dict": {"w": torch.full((3,), 2.0)}}, path)  # the next save takes the leftover's place
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 def test_non_finite_parameters_are_never_saved(tmp_path):
