@@ -46,6 +46,11 @@ class DynamicPolynomial(nn.Module):
         """The degree-``degree`` polynomial from precomputed ``powers`` of x."""
         return polynomial(powers, degree, list(self.coefficients), self.shared)
 
+    def at_each_degree(self, x: Tensor) -> dict[int, Tensor]:
+        """The polynomial at x for every degree that can be drawn, keyed by degree."""
+        powers = self.powers(x)
+        return {k: self.evaluate(powers, k) for k in range(self.min_degree, self.max_degree + 1)}
+
     def forward(self, x: Tensor, degree: int | None = None) -> Tensor:
         """The polynomial at x, of the given degree, or of a freshly drawn one when ``degree`` is None."""
         return self.evaluate(self.powers(x), self.draw_degree() if degree is None else degree)

@@ -135,9 +135,7 @@ class DynamicNet(LightningModule):
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         x, y = batch
-        powers = self.model.powers(x)
-        degrees = range(self.model.min_degree, self.model.max_degree + 1)
-        predictions = {f"degree_{k}": self.model.evaluate(powers, k) for k in degrees}
+        predictions = {f"degree_{k}": p for k, p in self.model.at_each_degree(x).items()}
         expected = torch.stack(list(predictions.values())).mean(0)
         return {"x": x, "target": y} | predictions | {"expected": expected}
 

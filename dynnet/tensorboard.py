@@ -32,9 +32,8 @@ class TensorBoardExtras(Callback):
         every = max(1, len(x) // 200)  # 200 points draw the same picture as 2000 at this size
         x, y = x[::every].float().cpu(), y[::every].float().cpu()
         model = pl_module.model
-        degrees = range(model.min_degree, model.max_degree + 1)
         with torch.no_grad():
-            predictions = {k: model(x.to(model.shared), k).float().cpu() for k in degrees}
+            predictions = {k: p.float().cpu() for k, p in model.at_each_degree(x.to(model.shared)).items()}
         image = self._draw(x, y, predictions)
         for writer in writers:
             writer.add_image("val/fit", image, trainer.global_step, dataformats="HWC")

@@ -1,4 +1,5 @@
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,13 @@ TINY = [
     "--data.steps_per_batch",
     "50",
 ]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def result(text: str) -> list[float]:

@@ -1,12 +1,11 @@
 """Data parallelism and precision by flag: every launch mode gives the one-process answer."""
 
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, plain_loop, result
+from conftest import ROOT, free_port, plain_loop, result
 
 # The default config, shortened to 2000 steps (one epoch), as the README's scale-out commands run it.
 FIT = [
@@ -48,9 +47,7 @@ def test_torchrun(tmp_path, one_process):
 
 @pytest.mark.slow
 def test_two_nodes_on_one_machine(tmp_path, one_process):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     nodes = []
     for rank in (0, 1):
         launcher = [*TORCHRUN, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",

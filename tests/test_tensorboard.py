@@ -4,7 +4,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import ROOT, TINY, result
+from conftest import ROOT, TINY, free_port, result
 
 from dynnet.cli import main
 from dynnet.predictions import export_main
@@ -30,9 +29,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tensorboard(run):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(run / "lightning_logs"), "--host", "127.0.0.1",
          "--port", str(port), "--load_fast", "false", "--reload_interval", "1"],
