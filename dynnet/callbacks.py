@@ -1,10 +1,9 @@
-"""What a run shows its user: a step-based progress display and the closing Result line."""
+"""The progress display of `dynnet fit`: optimizer steps, the loss and steps per second."""
 
 import sys
 import time
 
-import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from tqdm import tqdm
 
@@ -52,27 +51,3 @@ class StepProgressBar(ProgressBar):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if self.bar is not None:
             self.bar.close()  # end the bar's line, so the error that follows gets one of its own
-
-
-class RunReport(Callback):
-    """Says where a resumed run picked up; at the end prints the training speed, the tutorial's Result line and
-    the log folder."""
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.start_step, self.start_time = trainer.global_step, time.perf_counter()
-        if trainer.ckpt_path and trainer.is_global_zero:
-            print(f"Resumed from {trainer.ckpt_path} at step {trainer.global_step}", flush=True)
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - self.start_time
-        steps = trainer.global_step - self.start_step
-        if trainer.is_global_zero:
-            print(f"Trained {steps} steps in {seconds:.3f} s ({steps / seconds:.0f} steps/s)", flush=True)
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        log_dir = trainer.log_dir  # a collective under DDP: every process must ask
-        if trainer.is_global_zero:
-            print(f"Result: {pl_module.model.formula()}")
-            print(f"Logs: {log_dir}", flush=True)

@@ -1,136 +1,732 @@
-"""The ``dynnet`` command: LightningCLI over DynamicNet and SineData, with the project's run defaults."""
+"""The ``dynnet`` command: LightningCLI over DynamicNet and SineData, with the project's run defaults.
 
+Between parsing and training it does what makes a run trustworthy: it gives the optimizer the chosen class's own
+defaults, refuses settings that cannot mean in dynnet what they mean in Lightning, moves batch-counted settings
+onto optimizer steps, checks a checkpoint before resuming from it, and creates or enters the run folder.
+"""
+
+import contextlib
+import enum
+import importlib
+import inspect
+import json
 import logging
+import math
 import os
+import re
+import signal
 import sys
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from jsonargparse import ArgumentError
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import ArgsType, LightningCLI, LRSchedulerTypeTuple, ReduceLROnPlateau
-from lightning.pytorch.loggers import TensorBoardLogger
+import torch
+import yaml
+from jsonargparse import ArgumentError, Namespace
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import (
+    BatchSizeFinder,
+    DeviceStatsMonitor,
+    LearningRateFinder,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+)
+from lightning.pytorch.cli import ArgsType, LightningCLI, LRSchedulerTypeTuple
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
-from dynnet.callbacks import RunReport, StepProgressBar
+from dynnet.callbacks import StepProgressBar
 from dynnet.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
-from dynnet.data import SineData
-from dynnet.module import DivergenceError, DynamicNet
-from dynnet.predictions import PredictionCSV
+from dynnet.data import SineData, training_dtype
+from dynnet.module import DivergenceError, DynamicNet, Interrupted
+from dynnet.predictions import PredictionCSV, check_output_path
+from dynnet.run import (
+    Run,
+    RunError,
+    RunLock,
+    create_run,
+    find_run,
+    last_checkpoint,
+    run_of,
+    runs_dir,
+)
 from dynnet.tensorboard import TensorBoardExtras
 
-# Lightning measures log_every_n_steps against train batches, which hold many steps here; dynnet logs by
-# optimizer step itself, so the warning that an epoch has fewer batches than the interval does not apply.
-warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the logging interval")
-
-# Lightning's own use of a deprecated torch API; nothing a dynnet user can act on.
-warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
-
+# Lightning's informational lines (accelerator availability, advertising, "fit stopped", restore notices) would
+# interleave with the progress display; dynnet prints what a run did itself. Warnings still show.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
+logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
+logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
 # The seed is in the run's config.yaml; its "Seed set to" line would precede every one-line error.
 logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+# main() passes LightningCLI the arguments after joining negative numbers to their flags (see
+# _join_negative_numbers); LightningCLI warns when it gets a list while sys.argv has arguments too.
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+# Lightning's use of a deprecated torch API; nothing a dynnet user can act on.
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+# ModelCheckpoint(every_n_train_steps) under manual optimization warns that it saves the state after the step:
+# that is what dynnet means by step N.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
 
-# Errors that a user's input or a run's numbers cause: shown as one line unless DYNNET_DEBUG is set.
-USER_ERRORS = (ValueError, ArgumentError, FileNotFoundError, DivergenceError)
+# Errors that a user's input, files or a run's numbers cause: shown as one line unless DYNNET_DEBUG is set.
+USER_ERRORS = (ValueError, ArgumentError, OSError, DivergenceError, MisconfigurationException, TypeError)
+
+# The tutorial's optimizer, used when a config names none.
+TUTORIAL_OPTIMIZER = {"class_path": "torch.optim.SGD", "init_args": {"lr": 1e-8, "momentum": 0.9}}
+# What a batch-counted Lightning feature needs instead, in dynnet.
+REFUSED_CALLBACKS = {
+    LearningRateMonitor: "dynnet logs the learning rate as train/lr every log_every_n_steps optimizer steps",
+    DeviceStatsMonitor: "it logs against Lightning's batch count",
+}
+
+
+class QuietProfiler(PassThroughProfiler):
+    """Lightning's default profiler (it records nothing), minus the cost of entering a context manager around each
+    of the dozen hook calls of every optimizer step. ``--trainer.profiler`` replaces it."""
+
+    _nothing = contextlib.nullcontext()
+
+    def profile(self, action_name: str) -> contextlib.AbstractContextManager:
+        return self._nothing
 
 
 class DynnetCLI(LightningCLI):
-    def __init__(self, args: ArgsType = None) -> None:
+    def __init__(
+        self, args: ArgsType = None, cleanup: ExitStack | None = None, callbacks: list[Callback] | None = None
+    ) -> None:
+        """
+        Args:
+            args: Command-line arguments; ``sys.argv[1:]`` when None.
+            cleanup: Receives what must be undone when the command ends, however it ends (the run's lock).
+            callbacks: Extra callbacks for the trainer, for programs that drive dynnet (the sweep's pruning).
+        """
+        self.cleanup = cleanup if cleanup is not None else ExitStack()
+        self.extra_callbacks = list(callbacks or [])
+        self.args = list(sys.argv[1:] if args is None else args)
         super().__init__(
             DynamicNet,
             SineData,
             args=args,
-            # Without a config, `dynnet fit` is the tutorial's run rather than Lightning's 1000 epochs.
-            trainer_defaults={"max_steps": 30000},
+            # Without a config, `dynnet fit` is the tutorial's run rather than Lightning's 1000 epochs; a 5-parameter
+            # model needs no summary table (the run prints one line about its model instead).
+            trainer_defaults={"max_steps": 30000, "enable_model_summary": False},
             # Reproducible by default: a run without a seed is the same every time (Lightning's default is to warn
             # and use 0 anyway).
             seed_everything_default=0,
+            # The run folder keeps the config (see Run), including when a run is resumed.
+            save_config_callback=None,
+            # DynamicNet.load_from_checkpoint builds the model itself and never calls what a checkpoint names, so
+            # Lightning's `_instantiator` hyper-parameter would only clutter the checkpoint and TensorBoard.
+            load_from_checkpoint_support=False,
             # Parse errors raise instead of printing usage, so main() can report them on one line.
-            parser_kwargs={"exit_on_error": False},
+            parser_kwargs={
+                "exit_on_error": False,
+                "prog": "dynnet",
+                "description": "Train, evaluate and use the tutorial's random-depth polynomial with Lightning.",
+            },
         )
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(PredictionCSV, "predictions")
         parser.add_optimizer_args((Optimizer,))
         parser.add_lr_scheduler_args(LRSchedulerTypeTuple)
-        # With no optimizer given, train as the tutorial does: plain SGD is too slow on this model without momentum.
-        parser.set_defaults(
-            {"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 1e-8, "momentum": 0.9}}}
+        parser.add_argument(
+            "--run",
+            type=str | None,
+            default=None,
+            help="Name of the run folder under <default_root_dir>/lightning_logs (default: the next version_N for "
+            "a new fit; the newest run for --ckpt_path last).",
         )
+        parser.add_argument(
+            "--lr_interval",
+            type=Literal["step", "epoch"],
+            default="step",
+            help="When lr_scheduler steps: after every optimizer step, or at every epoch end. ReduceLROnPlateau "
+            "steps after every validation.",
+        )
+        titles = {"predictions": "Where `dynnet predict` writes", "lr_scheduler": "Learning-rate schedule"}
+        for key, title in titles.items():
+            if key in parser.groups:
+                parser.groups[key].title = title
+        for action in parser._actions:  # Lightning's own text describes its default, not dynnet's
+            if action.dest == "trainer.max_steps":
+                action.help = "Stop after this many optimizer steps; -1 for no limit (default: 30000, the tutorial's)."
 
     @staticmethod
     def configure_optimizers(lightning_module: LightningModule, optimizer: Optimizer, lr_scheduler: Any = None) -> Any:
-        # Schedulers count optimizer steps (Lightning's default unit is the epoch): T_max: 3000 means 3000 steps.
+        trainer = lightning_module.trainer
+        interval = getattr(lightning_module, "lr_interval", "step")
+        if trainer.is_global_zero and trainer.state.fn == "fit":
+            schedule = f"{_describe(lr_scheduler)} every {interval}" if lr_scheduler is not None else "none"
+            if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                schedule = f"{_describe(lr_scheduler)} after every validation"
+            print(f"Optimizer: {_describe(optimizer)}; lr_scheduler: {schedule}", flush=True)
         if lr_scheduler is None:
             return optimizer
-        if isinstance(lr_scheduler, ReduceLROnPlateau):
-            return {
-                "optimizer": optimizer,
-                "lr_scheduler": {"scheduler": lr_scheduler, "monitor": lr_scheduler.monitor},
-            }
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": interval}}
+
+    # ---------------------------------------------------------------------------------------------- parsing
 
     def parse_arguments(self, parser, args: ArgsType) -> None:
+        args = _with_default_optimizer(_join_negative_numbers(self.args), _config_files(self.args))
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        if subcommand and self.config[subcommand].get("ckpt_path"):
-            self._check_ckpt_path(self.config[subcommand])
-
-    def _check_ckpt_path(self, config) -> None:
-        """Resolve ``last`` to this run's file and refuse, before anything starts, a checkpoint that cannot be used."""
-        if config.ckpt_path == "last":
-            last = _checkpoint_dir(config.trainer.default_root_dir) / "last.ckpt"
-            if not last.is_file():
-                raise CheckpointError(f"--ckpt_path last: there is no checkpoint to resume at {last}")
-            config.ckpt_path = str(last)
-        if config.ckpt_path in ("best", "hpc", "registry"):
+        if not subcommand:
             return
-        trained = load_checkpoint(config.ckpt_path)["hyper_parameters"]
+        config = self.config[subcommand]
+        if config.get("optimizer") is None:
+            config.optimizer = Namespace(class_path=TUTORIAL_OPTIMIZER["class_path"])
+            config.optimizer.init_args = Namespace(_class_defaults("torch.optim.SGD") | TUTORIAL_OPTIMIZER["init_args"])
+        # jsonargparse keeps a previous class's arguments when a flag names a new class (`-c default.yaml
+        # --optimizer torch.optim.Adam` would train Adam at SGD's lr 1e-8). A class chosen by flag starts instead
+        # from its own defaults, plus the arguments given after it.
+        for key in ("optimizer", "lr_scheduler"):
+            explicit = _arguments_after_class_flag(self.args, key)
+            if explicit is not None and config.get(key) is not None:
+                spec = config[key]
+                given = {k: v for k, v in vars(spec.get("init_args") or Namespace()).items() if k in explicit}
+                spec.init_args = Namespace(_class_defaults(spec.class_path) | given)
+        config.trainer.default_root_dir = str(Path(config.trainer.default_root_dir or os.getcwd()).expanduser())
+        # Resolved and checked here, before LightningCLI reads the checkpoint's hyper-parameters into the config.
+        self.resume: dict | None = None
+        if config.ckpt_path:
+            config.ckpt_path = self._resolve_checkpoint(config, subcommand)
+
+    def before_instantiate_classes(self) -> None:
+        self.run_path: Path | None = None
+        config = self.config[self.subcommand]
+        trainer = config.trainer
+        _check_trainer_flags(trainer)
+        _check_optimizer(config.optimizer)
+        if self.subcommand == "fit" and not trainer.fast_dev_run:
+            self._enter_run(config)
+        if self.subcommand != "fit":
+            # Evaluation needs only the weights; the run's callbacks that wrote the checkpoint do not apply.
+            warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create")
+        if self.subcommand == "predict":
+            run = run_of(Path(config.ckpt_path)) if config.ckpt_path else None
+            path = Path(config.predictions.path or (run or Path(trainer.default_root_dir)) / "predictions.csv")
+            config.predictions.path = str(path.expanduser())
+            check_output_path(path, inputs=[config.ckpt_path, *(str(c) for c in config.get("config") or [])])
+
+    def _resolve_checkpoint(self, config, subcommand: str) -> str:
+        """The checkpoint file --ckpt_path means, checked against the configured model (and, for fit, the run)."""
+        root, name = config.trainer.default_root_dir, config.run
+        if config.ckpt_path == "last":
+            path = last_checkpoint(find_run(root, name))
+        elif config.ckpt_path == "best":
+            run = find_run(root, name)
+            best = sorted((run / "checkpoints").glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+            if not best:
+                raise RunError(f"--ckpt_path best: run {run} has no best-*.ckpt checkpoint")
+            path = best[-1]  # a new best is written only when it improves on the previous one
+        elif config.ckpt_path in ("hpc", "registry"):
+            raise ValueError(f"--ckpt_path {config.ckpt_path} is not supported by dynnet: use last, best or a path")
+        else:
+            path = Path(config.ckpt_path).expanduser()
+        checkpoint = load_checkpoint(path)
+        trained = checkpoint["hyper_parameters"]
         for key in ("min_degree", "max_degree"):
-            if trained.get(key) != config.model[key]:
+            if trained[key] != config.model[key]:
                 raise CheckpointError(
-                    f"checkpoint {config.ckpt_path} holds a model with {key}={trained.get(key)}, "
+                    f"checkpoint {path} holds a model with {key}={trained[key]}, "
                     f"but the configured model has {key}={config.model[key]}"
                 )
+        if subcommand == "fit":
+            _check_resumable(path, checkpoint, config)
+            self.resume = {"path": path, "step": checkpoint["global_step"]}
+        return str(path)
+
+    def _enter_run(self, config) -> None:
+        """Create the run folder for a fresh fit, or take the resumed checkpoint's, and lock it (rank 0 only)."""
+        if config.run is not None and (config.run in ("", ".", "..") or "/" in config.run or os.sep in config.run):
+            raise ValueError(f"--run must be a plain folder name, got {config.run!r}")
+        if not _is_rank_zero():
+            # Processes Lightning launches for DDP run this command again: they work in rank 0's folder, which
+            # rank 0 also broadcasts once the processes are connected. Only rank 0 writes into it.
+            self.run_path = Path(os.environ.get("DYNNET_RUN") or runs_dir(config.trainer.default_root_dir))
+            return
+        if self.resume is not None:
+            run = run_of(self.resume["path"])
+            if run is not None and config.run is not None and run.name != config.run:
+                raise RunError(
+                    f"the checkpoint belongs to run {run}, not {config.run}: resuming continues that run; drop --run"
+                )
+            fresh = run is None  # a checkpoint outside any run starts a new run from its state
+        else:
+            fresh = True
+        if fresh:
+            run = create_run(config.trainer.default_root_dir, config.run)
+            self.cleanup.callback(_discard_if_unused, run)
+        lock = RunLock(run)
+        self.cleanup.callback(lock.release)
+        self.run_path = run
+        os.environ["DYNNET_RUN"] = str(run)
+        # A logger given in the config without a version logs into this run's version, so that a resumed run
+        # continues its curves rather than opening a new version.
+        loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+        for spec in loggers:
+            if isinstance(spec, Namespace) and "version" in (spec.get("init_args") or {}):
+                if spec.init_args.version is None:
+                    spec.init_args.version = run.name
+
+    # ---------------------------------------------------------------------------------------------- the trainer
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        config = self._get(self.config_init, "trainer", default={})
-        callbacks = list(config.get("callbacks") or [])
-        if config.get("enable_progress_bar") is not False:
-            callbacks.append(StepProgressBar())  # before RunReport, so the bar closes before the report prints
-        callbacks += [RunReport(), TensorBoardExtras()]
-        if config.get("enable_checkpointing") is not False:
-            # One fixed folder per default_root_dir, so a new process (a new log version) finds `last.ckpt`.
+        config = self.config[self.subcommand]
+        trainer_config = dict(self.config_init[self.subcommand].trainer)
+        user_callbacks = list(trainer_config.pop("callbacks") or [])
+        user_callbacks = user_callbacks if isinstance(user_callbacks, list) else [user_callbacks]
+        fit = self.subcommand == "fit"
+        run = self.run_path
+        fast_dev_run = bool(trainer_config.get("fast_dev_run"))
+        if fit:
+            _check_numbers(config)
+        items = self._item_steps(config, user_callbacks) if fit else None
+        _refuse_callbacks(user_callbacks, items)
+
+        # Settings Lightning counts in train batches, given to it in batches of `items` steps, or moved to the
+        # module where Lightning refuses them for this training loop.
+        if fit:
+            self.datamodule.steps_per_batch = items
+            interval = _validation_steps(config)
+            if interval is not None:
+                trainer_config["val_check_interval"] = interval // items
+            trainer_config["max_steps"] = _last_step(config)
+        self.model.gradient_clip_val = trainer_config.pop("gradient_clip_val", None)
+        self.model.gradient_clip_algorithm = trainer_config.pop("gradient_clip_algorithm", None)
+        self.model.lr_interval = config.lr_interval
+
+        # Defaults the user replaces by giving their own: a progress display, a best checkpoint, TensorBoard.
+        barebones = bool(trainer_config.get("barebones"))
+        if barebones:  # Lightning's barebones refuses these; the shipped configs set them
+            trainer_config["log_every_n_steps"] = trainer_config["num_sanity_val_steps"] = None
+        callbacks = [*self.extra_callbacks]
+        if not any(isinstance(c, ProgressBar) for c in user_callbacks):
+            if trainer_config.get("enable_progress_bar") is not False and not barebones:
+                callbacks.append(StepProgressBar())
+        callbacks += user_callbacks
+        if self.subcommand == "predict":
+            callbacks.append(self.config_init[self.subcommand].predictions)
+        if fit and not barebones:
+            # The run's own callback is a Checkpoint, which Lightning refuses beside enable_checkpointing=False:
+            # it honours that setting itself by saving nothing.
+            save = trainer_config.get("enable_checkpointing") is not False and not fast_dev_run
+            trainer_config["enable_checkpointing"] = True
             callbacks.append(
-                ModelCheckpoint(
-                    dirpath=_checkpoint_dir(config.get("default_root_dir")),
-                    filename="best-{step}",
-                    monitor="val/expected_loss",
-                    save_last=True,
+                Run(
+                    run, self._config_yaml(), save, best=not any(isinstance(c, ModelCheckpoint) for c in user_callbacks)
                 )
             )
-        plugins = list(config.get("plugins") or []) + [SafeCheckpointIO()]
-        if config.get("logger") in (None, True):
-            # Lightning's default logger, minus its placeholder hp_metric: TensorBoardExtras links the
-            # hyper-parameters to the final expected loss instead.
-            kwargs["logger"] = TensorBoardLogger(config.get("default_root_dir") or os.getcwd(), default_hp_metric=False)
-        return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
 
+        logger = trainer_config.get("logger")
+        if not fit:
+            # Evaluation prints its metrics; it does not open a log version of its own.
+            trainer_config["logger"] = logger if isinstance(logger, Logger) or isinstance(logger, list) else False
+        elif logger in (None, True) and not barebones and run is not None:
+            # Lightning's default logger, writing into the run folder, minus its placeholder hp_metric:
+            # TensorBoardExtras links the hyper-parameters to the final metrics instead.
+            trainer_config["logger"] = TensorBoardLogger(
+                run.parent.parent, name=run.parent.name, version=run.name, default_hp_metric=False
+            )
+        if fit and trainer_config.get("logger") not in (None, False):
+            callbacks.append(TensorBoardExtras())
+        trainer_config["callbacks"] = callbacks
+        trainer_config["plugins"] = [*(trainer_config.get("plugins") or []), SafeCheckpointIO()]
+        if trainer_config.get("profiler") is None and not barebones:
+            trainer_config["profiler"] = QuietProfiler()
+        return self.trainer_class(**(trainer_config | kwargs))
 
-def _checkpoint_dir(default_root_dir: str | None) -> Path:
-    return Path(default_root_dir or os.getcwd()) / "checkpoints"
+    def after_fit(self) -> None:
+        if self.trainer.barebones and self.trainer.is_global_zero:  # Run, which prints it otherwise, is off
+            print(f"Result: {self.model.model.formula()}", flush=True)
+
+    def _config_yaml(self) -> str | None:
+        if self.run_path is None:
+            return None
+        # jsonargparse cannot write an enum inside a callback's arguments (Timer's interval); its name parses back.
+        config = _enums_by_name(self.config[self.subcommand].clone())
+        return self._parser(self.subcommand).dump(config, skip_unset=False)
+
+    def _item_steps(self, config, user_callbacks: list[Callback]) -> int:
+        """Steps in one train batch: at most steps_per_batch, and dividing every interval the run acts on, so that
+        a batch ends at each of those steps (Lightning acts on batch ends)."""
+        steps = math.gcd(config.data.steps_per_batch, config.data.steps_per_epoch)
+        if config.trainer.log_every_n_steps:
+            steps = math.gcd(steps, config.trainer.log_every_n_steps)
+        interval = _validation_steps(config)
+        if interval:
+            steps = math.gcd(steps, interval)
+        for spec, callback in zip(config.trainer.callbacks or [], user_callbacks):
+            if isinstance(callback, ModelCheckpoint):
+                every = (spec.get("init_args") or Namespace()).get("every_n_train_steps")
+                if every:
+                    steps = math.gcd(steps, every)
+        return steps
 
 
 def main(args: ArgsType = None) -> None:
-    """Run the command line; ``args`` stands in for ``sys.argv[1:]`` so tests can call it directly."""
+    """Run the command line; ``args`` stands in for ``sys.argv[1:]`` so tests and scripts can call it directly."""
+    with ExitStack() as cleanup:
+        try:
+            DynnetCLI(args=args, cleanup=cleanup)
+        except Interrupted as stop:
+            print(f"{stop}; resume with --ckpt_path last", file=sys.stderr, flush=True)
+            cleanup.close()
+            sys.exit(128 + stop.signum)
+        except KeyboardInterrupt:  # before training started, or after it ended
+            cleanup.close()
+            sys.exit(128 + signal.SIGINT)
+        except USER_ERRORS as err:
+            if os.environ.get("DYNNET_DEBUG"):
+                raise
+            cleanup.close()
+            sys.exit(f"dynnet: error: {one_line(err)}")
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line: an OSError names its file; other messages lose their line breaks."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return " ".join(str(err).split())
+
+
+# -------------------------------------------------------------------------------------------------- checks
+
+
+def _check_trainer_flags(trainer) -> None:
+    """Refuse, before anything starts, Trainer flags that cannot work here, or whose batch-counted meaning dynnet
+    cannot give in steps."""
+    if str(trainer.accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
+        why = "this torch is a CPU build" if torch.version.cuda is None else "it sees no CUDA device"
+        raise ValueError(
+            f"--trainer.accelerator {trainer.accelerator}: torch cannot use a GPU here ({why}); "
+            "use --trainer.accelerator cpu (or auto)"
+        )
+    if trainer.max_steps is not None and trainer.max_steps < -1:
+        raise ValueError(f"--trainer.max_steps must be -1 (no limit) or a step count, got {trainer.max_steps}")
+    every = trainer.check_val_every_n_epoch
+    if every is not None and every < 1:
+        raise ValueError(f"--trainer.check_val_every_n_epoch must be at least 1 (or null), got {every}")
+    if trainer.limit_train_batches not in (None, 1, 1.0):
+        raise ValueError(
+            "--trainer.limit_train_batches counts train batches, which hold many optimizer steps in dynnet: "
+            "shorten training with --trainer.max_steps or --data.steps_per_epoch"
+        )
+    if trainer.accumulate_grad_batches not in (None, 1):
+        raise ValueError(
+            "--trainer.accumulate_grad_batches is not supported: every dynnet step already uses all the points; "
+            "change the step size with --optimizer.lr"
+        )
+    if trainer.overfit_batches not in (None, 0, 0.0):
+        raise ValueError("--trainer.overfit_batches does not apply: every dynnet step trains on all the points")
+    if trainer.gradient_clip_algorithm not in (None, "norm", "value"):
+        algorithm = trainer.gradient_clip_algorithm
+        raise ValueError(f"--trainer.gradient_clip_algorithm must be norm or value, got {algorithm}")
+
+
+def _check_optimizer(spec) -> None:
+    momentum = (spec.get("init_args") or Namespace()).get("momentum")
+    if momentum is not None and not 0 <= momentum < 1:
+        raise ValueError(f"--optimizer.momentum must be in [0, 1), got {momentum}: at 1 or above every step grows")
+
+
+def _check_numbers(config) -> None:
+    """Refuse a fit whose numbers the training dtype cannot hold, or whose tensors memory cannot, before it starts."""
+    data, model, trainer = config.data, config.model, config.trainer
+    dtype = training_dtype(_precision(trainer.precision))
+    largest = max(abs(data.low), abs(data.high))
+    biggest = torch.finfo(dtype).max
+    # The loss sums n squared residuals of size up to |x|^max_degree, and its gradient has the same scale.
+    for degree in range(max(model.max_degree, 1) + 1):
+        scale = data.n_points * largest ** (2 * degree)
+        if not scale < biggest:
+            remedies = ["--trainer.precision 64-true" if dtype != torch.float64 else None]
+            remedies.append(f"a --model.max_degree below {degree}" if degree > model.min_degree else None)
+            remedies += ["a narrower interval (--data.low/--data.high)", "fewer points (--data.n_points)"]
+            raise ValueError(
+                f"{dtype} cannot hold this fit: the squared error of x**{degree} over {data.n_points} points with "
+                f"|x| up to {largest:g} reaches {scale:.3g}, beyond {dtype}'s largest {biggest:.3g}; use "
+                + ", ".join(r for r in remedies if r)
+            )
+    processes = max(1, (trainer.devices if isinstance(trainer.devices, int) else 1) * (trainer.num_nodes or 1))
+    need = training_bytes(data.n_points, model.max_degree, dtype, processes)
+    have = available_memory(str(trainer.accelerator))
+    if have is not None and need > have:
+        raise ValueError(
+            f"training {data.n_points} points in {dtype} needs about {need / 2**30:.1f} GiB, but "
+            f"{have / 2**30:.1f} GiB is available: use fewer points (--data.n_points)"
+        )
+
+
+def training_bytes(n_points: int, max_degree: int, dtype: torch.dtype, processes: int = 1) -> int:
+    """Peak memory of a fit's tensors on one machine: the data, x**0 .. x**max_degree, and the forward and
+    backward temporaries of a step (about six more vectors), each n_points long; evaluation adds a few MB."""
+    size = torch.finfo(dtype).bits // 8
+    per_process = math.ceil(n_points / processes)
+    return (2 * n_points + (max_degree + 7) * per_process * processes) * size + (64 << 20)
+
+
+def available_memory(accelerator: str) -> int | None:
+    """Bytes a new fit can use: the GPU's free memory, or the host's available memory (within a cgroup limit)."""
+    if accelerator in ("gpu", "cuda") and torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
     try:
-        DynnetCLI(args=args)
-    except USER_ERRORS as err:
-        if os.environ.get("DYNNET_DEBUG"):
-            raise
-        message = " ".join(str(err).split())  # one line, whatever the source formatted
-        sys.exit(f"dynnet: error: {message}")
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    have = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:"))) * 1024
+    with contextlib.suppress(OSError, ValueError):
+        limit, used = (Path("/sys/fs/cgroup", f).read_text().strip() for f in ("memory.max", "memory.current"))
+        if limit != "max":
+            have = min(have, int(limit) - int(used))
+    return have
+
+
+def _check_resumable(path: Path, checkpoint: dict, config) -> None:
+    """Refuse, in one line, a resume whose settings differ from the run's where the difference cannot apply."""
+    settings = checkpoint["run_settings"]
+    step = checkpoint["global_step"]
+    max_steps = _last_step(config)
+    if 0 <= max_steps <= step:
+        raise ValueError(
+            f"checkpoint {path} is at step {step}, and --trainer.max_steps is {max_steps}: nothing to train; "
+            "raise max_steps to continue the run"
+        )
+    differences = []
+    seed = config.seed_everything
+    if isinstance(seed, int) and not isinstance(seed, bool) and settings.get("seed") not in (None, seed):
+        differences.append(("seed_everything", seed, settings["seed"]))
+    precision = _precision(config.trainer.precision)
+    if settings.get("precision") not in (None, precision):
+        differences.append(("trainer.precision", precision, settings["precision"]))
+    optimizer = _class_path_of(config.optimizer.class_path)
+    if settings.get("optimizer") not in (None, optimizer):
+        differences.append(("optimizer", optimizer, settings["optimizer"]))
+    scheduler = _class_path_of(config.lr_scheduler.class_path) if config.get("lr_scheduler") else None
+    if settings.get("lr_scheduler") != scheduler:
+        differences.append(("lr_scheduler", scheduler, settings.get("lr_scheduler")))
+    elif scheduler is not None and checkpoint.get("lr_schedulers"):
+        trained = checkpoint["lr_schedulers"][0]
+        for name, value in vars(config.lr_scheduler.get("init_args") or Namespace()).items():
+            if name not in ("last_epoch", "verbose", "optimizer") and name in trained and trained[name] != value:
+                differences.append((f"lr_scheduler.{name}", value, trained[name]))
+    if settings.get("lr_interval") not in (None, config.lr_interval):
+        differences.append(("lr_interval", config.lr_interval, settings["lr_interval"]))
+    for name in ("n_points", "low", "high", "steps_per_epoch"):
+        trained = settings.get("data", {}).get(name)
+        if trained is not None and trained != config.data[name]:
+            differences.append((f"data.{name}", config.data[name], trained))
+    if differences:
+        name, new, old = differences[0]
+        raise ValueError(
+            f"cannot resume from {path} with a changed {name}: it is {new}, the run was trained with {old}; "
+            "resume with the run's value, or start a new run without --ckpt_path"
+        )
+
+
+def _refuse_callbacks(callbacks: list[Callback], item_steps: int | None) -> None:
+    for callback in callbacks:
+        for kind, instead in REFUSED_CALLBACKS.items():
+            if isinstance(callback, kind) and item_steps != 1:
+                raise ValueError(
+                    f"{kind.__name__} counts Lightning's train batches, which hold up to {item_steps} optimizer "
+                    f"steps in this run; {instead} (or use --data.steps_per_batch 1, one step per batch)"
+                )
+        if isinstance(callback, (LearningRateFinder, BatchSizeFinder)):
+            raise ValueError(
+                f"{type(callback).__name__} needs Lightning's automatic optimization, which dynnet's step loop "
+                "does not use: search learning rates with dynnet-sweep"
+            )
+        if isinstance(callback, ModelCheckpoint):
+            if callback.save_last:
+                raise ValueError(
+                    "ModelCheckpoint(save_last=...): dynnet keeps <run>/checkpoints/last.ckpt itself, the run's "
+                    "latest state (after every validation, at the end, and on SIGTERM/SIGINT); drop save_last"
+                )
+            if callback._train_time_interval is not None:
+                raise ValueError(
+                    "ModelCheckpoint(train_time_interval=...) never fires under manual optimization in Lightning "
+                    f"{_lightning_version()}; use every_n_train_steps"
+                )
+
+
+def _validation_steps(config) -> int | None:
+    """The validation interval in optimizer steps when val_check_interval asks for one inside epochs, else None."""
+    value = config.trainer.val_check_interval
+    if isinstance(value, bool) or value is None or (isinstance(value, float) and value >= 1.0):
+        return None
+    spe = config.data.steps_per_epoch
+    if isinstance(value, float):
+        steps = int(spe * value)
+        if steps < 1:
+            raise ValueError(f"--trainer.val_check_interval {value} is less than one step of a {spe}-step epoch")
+        return steps
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"--trainer.val_check_interval must be at least 1 step, got {value}")
+        if value > spe and config.trainer.check_val_every_n_epoch is not None:
+            raise ValueError(
+                f"--trainer.val_check_interval {value} is longer than an epoch ({spe} steps): set "
+                "--trainer.check_val_every_n_epoch null to count steps across epochs"
+            )
+        return value
+    return None  # a time interval: checked at every batch end
+
+
+def _last_step(config) -> int:
+    """The step the run stops at, so that Lightning's estimated_stepping_batches counts optimizer steps."""
+    trainer = config.trainer
+    max_steps = trainer.max_steps if trainer.max_steps is not None else -1
+    max_epochs = trainer.max_epochs
+    if max_epochs is None and max_steps == -1 and trainer.max_time is None:
+        max_epochs = 1000  # Lightning's default when nothing bounds a fit
+    if max_epochs is not None and max_epochs >= 0:
+        by_epochs = max_epochs * config.data.steps_per_epoch
+        max_steps = by_epochs if max_steps == -1 else min(max_steps, by_epochs)
+    return max_steps
+
+
+def _enums_by_name(value: Any) -> Any:
+    if isinstance(value, Namespace):
+        for key, item in vars(value).items():
+            setattr(value, key, _enums_by_name(item))
+    elif isinstance(value, list):
+        return [_enums_by_name(v) for v in value]
+    elif isinstance(value, enum.Enum):
+        return value.name
+    return value
+
+
+def _discard_if_unused(run: Path) -> None:
+    """Remove a run folder this command created when nothing but its lock was written into it."""
+    if [p.name for p in run.iterdir()] == ["run.lock"]:
+        (run / "run.lock").unlink()
+        run.rmdir()
+        with contextlib.suppress(OSError):
+            run.parent.rmdir()  # the runs folder too, if this was its only run
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process is global rank 0, from what launchers (torchrun, SLURM, Lightning's DDP) set."""
+    keys = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "GROUP_RANK")
+    return all(os.environ.get(key, "0") == "0" for key in keys)
+
+
+def _precision(value: Any) -> str:
+    """Lightning's precision setting in its canonical form, as trainer.precision reports it."""
+    value = "32-true" if value is None else str(value)
+    return {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}.get(value, value)
+
+
+def _import(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _class_path_of(class_path: str) -> str:
+    """The class path a checkpoint records (its defining module) for a path as configs write it."""
+    cls = _import(class_path)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _class_defaults(class_path: str) -> dict[str, Any]:
+    parameters = inspect.signature(_import(class_path)).parameters.values()
+    return {
+        p.name: p.default
+        for p in parameters
+        if p.default is not inspect.Parameter.empty and p.name not in ("params", "optimizer")
+    }
+
+
+def _config_files(args: list[str]) -> dict[str, Any]:
+    """The YAML config files args name, loaded, after checking what the parser would report without the file's
+    name: an empty file, or a section that is not a mapping."""
+    files = {}
+    for flag, value in zip(args, args[1:]):
+        if flag not in ("-c", "--config") or not Path(value).is_file():
+            continue  # a missing file is reported by the parser, with its name
+        try:
+            content = yaml.safe_load(Path(value).read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {value} is not valid YAML: {' '.join(str(err).split())}") from None
+        if content is None:
+            raise ValueError(f"config file {value} is empty")
+        if not isinstance(content, dict):
+            raise ValueError(f"config file {value} should map settings to values, got {type(content).__name__}")
+        for section in ("model", "data", "trainer"):
+            if section in content and not isinstance(content[section], dict | None):
+                raise ValueError(
+                    f"config file {value}: {section} should map its settings to values (for example "
+                    f"{section}: {{{'max_degree: 5' if section == 'model' else '...'}}}), got {content[section]!r}"
+                )
+        files[value] = content
+    return files
+
+
+def _with_default_optimizer(args: list[str], configs: dict[str, Any]) -> list[str]:
+    """args with the tutorial's optimizer chosen first when they set optimizer arguments but nothing chooses a
+    class: `dynnet fit --optimizer.lr 1e-7` means the tutorial's SGD at that lr."""
+    chooses = any(t.partition("=")[0] in ("--optimizer", "--optimizer.class_path") for t in args)
+    chooses |= any(content.get("optimizer") for content in configs.values())
+    first = next((i for i, t in enumerate(args) if t.startswith("--optimizer.")), None)
+    if chooses or first is None:
+        return args
+    tutorial = json.dumps(TUTORIAL_OPTIMIZER)
+    return [*args[:first], f"--optimizer={tutorial}", *args[first:]]
+
+
+def _join_negative_numbers(args: list[str]) -> list[str]:
+    """``--flag -1e-3`` as ``--flag=-1e-3``: argparse would take a negative number in e-notation for a flag."""
+    joined: list[str] = []
+    for token in args:
+        previous = joined[-1] if joined else ""
+        if re.fullmatch(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf", token) and previous.startswith("--"):
+            if "=" not in previous:
+                joined[-1] = f"{previous}={token}"
+                continue
+        joined.append(token)
+    return joined
+
+
+def _arguments_after_class_flag(args: list[str], key: str) -> set[str] | None:
+    """When args choose key's class by flag, the names of the arguments given for it after that flag; else None."""
+    explicit: set[str] | None = None
+    for i, token in enumerate(args):
+        name, _, value = token.partition("=")
+        if name in (f"--{key}", f"--{key}.class_path"):
+            explicit = set()
+            value = value or (args[i + 1] if i + 1 < len(args) else "")
+            if value.lstrip().startswith("{"):
+                with contextlib.suppress(yaml.YAMLError, AttributeError):
+                    explicit |= set(yaml.safe_load(value).get("init_args") or {})
+        elif explicit is not None and name.startswith(f"--{key}."):
+            explicit.add(name[len(key) + 3 :].removeprefix("init_args."))
+    return explicit
+
+
+def _describe(obj: object) -> str:
+    """``Class(arg=value, ...)``: an optimizer's or scheduler's lr and every argument it was given a value for
+    other than its class's default."""
+    parameters = inspect.signature(type(obj)).parameters.values()
+    names = [p.name for p in parameters if p.name not in ("params", "optimizer", "last_epoch", "verbose")]
+    defaults = _class_defaults(f"{type(obj).__module__}.{type(obj).__qualname__}")
+    values = dict(getattr(obj, "defaults", {})) or {k: getattr(obj, k) for k in names if hasattr(obj, k)}
+    shown = {
+        k: v for k, v in values.items() if k == "lr" or (k in names and defaults.get(k, inspect.Parameter.empty) != v)
+    }
+    return f"{type(obj).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+def _lightning_version() -> str:
+    import lightning
+
+    return lightning.__version__
 
 
 if __name__ == "__main__":

@@ -7,22 +7,37 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 
+# The dtype each true-precision setting trains in; every other setting keeps float32 parameters and data.
+TRAINING_DTYPES = {"64-true": torch.float64, "16-true": torch.float16, "bf16-true": torch.bfloat16}
 
-class StepBatches:
-    """The train loader: ``steps_per_epoch`` optimizer steps on the same full batch, cut into items of
-    ``steps_per_batch`` steps. Each item is ``(x, y, steps)``; Lightning's per-batch work (hooks, progress)
-    is paid once per item rather than once per step."""
 
-    def __init__(self, x: Tensor, y: Tensor, steps_per_epoch: int, steps_per_batch: int) -> None:
-        self.x, self.y = x, y
+def training_dtype(precision: str | None) -> torch.dtype:
+    return TRAINING_DTYPES.get(str(precision), torch.float32)
+
+
+class TrainItems:
+    """The train loader: the run's optimizer steps on the full batch, in items ``(x, y, first_step, steps)``.
+
+    Items lie on a fixed grid of optimizer steps: one ends at every multiple of ``steps_per_batch`` and at every
+    multiple of ``steps_per_epoch`` (where the epoch ends), and the last one at ``max_steps``. Each iteration
+    starts at the trainer's current step, so a run resumed in the middle of an item first finishes that item
+    and then follows the same grid as a run that was never interrupted. It has no length: the epoch ends where
+    the items end, whatever step the run resumed at.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, trainer, steps_per_epoch: int, steps_per_batch: int) -> None:
+        self.x, self.y, self.trainer = x, y, trainer
         self.steps_per_epoch, self.steps_per_batch = steps_per_epoch, steps_per_batch
 
-    def __len__(self) -> int:
-        return math.ceil(self.steps_per_epoch / self.steps_per_batch)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int]]:
-        for start in range(0, self.steps_per_epoch, self.steps_per_batch):
-            yield self.x, self.y, min(self.steps_per_batch, self.steps_per_epoch - start)
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int, int]]:
+        step = self.trainer.global_step  # read at the first item, after Lightning has restored a checkpoint
+        end = (step // self.steps_per_epoch + 1) * self.steps_per_epoch
+        if self.trainer.max_steps >= 0:
+            end = min(end, self.trainer.max_steps)
+        while step < end:
+            stop = min((step // self.steps_per_batch + 1) * self.steps_per_batch, end)
+            yield self.x, self.y, step, stop - step
+            step = stop
 
 
 class FullBatch:
@@ -56,8 +71,9 @@ class SineData(LightningDataModule):
             high: Right end of the interval (included).
             steps_per_epoch: Optimizer steps in one epoch; validation and checkpoints come once per epoch.
                 2000 matches the tutorial's report interval.
-            steps_per_batch: Optimizer steps taken on each item of the train loader. Lightning's per-batch
-                overhead is paid once per item, so larger is faster; the progress display moves once per item.
+            steps_per_batch: Optimizer steps taken on each item of the train loader, at most. Lightning's
+                per-batch work is paid once per item, so larger is faster; `dynnet fit` shortens items so that
+                one ends at every step the run acts on (logging, validation, checkpoints).
         """
         super().__init__()
         if n_points < 2:
@@ -73,18 +89,21 @@ class SineData(LightningDataModule):
         self.steps_per_epoch, self.steps_per_batch = steps_per_epoch, steps_per_batch
 
     def setup(self, stage: str) -> None:
-        # Built once, straight on the device training runs on, so no step copies it.
-        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
-        self.x = torch.linspace(self.low, self.high, self.n_points, device=device)
-        self.y = torch.sin(self.x)
+        # Built once, straight on the device and in the dtype training runs in, so no step copies or converts it.
+        # linspace runs in float32 as in the tutorial, so every precision sees the tutorial's points.
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer else torch.device("cpu")
+        dtype = training_dtype(trainer.precision if trainer else None)
+        x = torch.linspace(self.low, self.high, self.n_points, device=device)
+        self.x, self.y = x.to(dtype), torch.sin(x).to(dtype)
         # Under data parallelism each process trains on its own contiguous slice: no point is seen twice and
         # the slices' summed gradients are the full-batch gradient.
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         self.train_x = self.x.tensor_split(world)[rank]
         self.train_y = self.y.tensor_split(world)[rank]
 
-    def train_dataloader(self) -> StepBatches:
-        return StepBatches(self.train_x, self.train_y, self.steps_per_epoch, self.steps_per_batch)
+    def train_dataloader(self) -> TrainItems:
+        return TrainItems(self.train_x, self.train_y, self.trainer, self.steps_per_epoch, self.steps_per_batch)
 
     def val_dataloader(self) -> FullBatch:
         # Every process evaluates all points: it is cheap and gives every rank the same metric.

@@ -8,6 +8,9 @@ from torch import Tensor, nn
 
 # Coefficients are named a, b, c, ... as in the tutorial's Result line; the last letter is the shared one.
 MAX_MIN_DEGREE = len(string.ascii_lowercase) - 2
+# x**p for p up to max_degree is computed at every step; beyond 100 every dtype overflows for |x| > 1.2 or
+# underflows below, so a larger degree is a mistake (or a crafted checkpoint), never a model.
+MAX_DEGREE = 100
 
 
 class DynamicPolynomial(nn.Module):
@@ -24,6 +27,8 @@ class DynamicPolynomial(nn.Module):
             raise ValueError(
                 f"min_degree must not exceed max_degree, got min_degree={min_degree} and max_degree={max_degree}"
             )
+        if max_degree > MAX_DEGREE:
+            raise ValueError(f"max_degree must be at most {MAX_DEGREE}, got {max_degree}")
         self.min_degree = min_degree
         self.max_degree = max_degree
         # One scalar parameter per coefficient, drawn in order with torch.randn(()) as the tutorial does, so a
@@ -102,15 +107,37 @@ def design(x: Tensor, min_degree: int, max_degree: int) -> Tensor:
     )
 
 
-def expected_loss(theta: Tensor, design: Tensor, y: Tensor) -> Tensor:
-    """Sum-reduced squared error averaged over the degrees, each equally likely."""
-    return ((design @ theta - y) ** 2).sum(-1).mean()
+class ExpectedLoss:
+    """The expected loss, the sum-reduced squared error averaged over the equally likely degrees, as a quadratic.
 
-
-def optimum(design: Tensor, y: Tensor) -> Tensor:
-    """The coefficients that minimise ``expected_loss``: one least-squares solve over all degrees stacked.
-
-    The expected loss is a quadratic in the coefficients, so its minimiser solves the stacked system exactly.
+    For degree k, |D_k theta - y|^2 = theta' G_k theta - 2 theta' b_k + y'y with G_k = D_k' D_k and b_k = D_k' y.
+    The small G_k and b_k are summed over the points once, in float64 and in chunks, so evaluating the loss,
+    its minimiser and its curvature costs the same and needs a few kilobytes whatever n_points is.
     """
-    stacked = design.reshape(-1, design.shape[-1])
-    return torch.linalg.lstsq(stacked, y.repeat(design.shape[0]).unsqueeze(-1)).solution.squeeze(-1)
+
+    CHUNK = 1 << 18  # points per chunk: the chunk's design matrices take about 8 bytes x degrees x 6 x CHUNK
+
+    def __init__(self, x: Tensor, y: Tensor, min_degree: int, max_degree: int) -> None:
+        x, y = x.detach().double(), y.detach().double()
+        width = min_degree + 2
+        self.gram = torch.zeros(max_degree - min_degree + 1, width, width, dtype=torch.float64, device=x.device)
+        self.moment = torch.zeros(max_degree - min_degree + 1, width, dtype=torch.float64, device=x.device)
+        self.y_norm = torch.zeros((), dtype=torch.float64, device=x.device)
+        for xs, ys in zip(x.split(self.CHUNK), y.split(self.CHUNK)):
+            matrices = design(xs, min_degree, max_degree)
+            self.gram += matrices.transpose(1, 2) @ matrices
+            self.moment += matrices.transpose(1, 2) @ ys
+            self.y_norm += ys @ ys
+
+    def __call__(self, theta: Tensor) -> Tensor:
+        theta = theta.double()
+        per_degree = self.gram @ theta @ theta - 2 * self.moment @ theta + self.y_norm
+        return per_degree.mean()
+
+    def optimum(self) -> Tensor:
+        """The coefficients that minimise the expected loss: where its gradient, mean(G_k) theta - mean(b_k), is 0."""
+        return torch.linalg.solve(self.gram.mean(0), self.moment.mean(0))
+
+    def largest_curvature(self) -> float:
+        """The largest eigenvalue of any degree's Hessian, 2 G_k: what bounds a stable gradient-descent step."""
+        return float(torch.linalg.eigvalsh(2 * self.gram).max())

@@ -2,6 +2,7 @@
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -10,19 +11,19 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from dynnet.checkpoint import CheckpointError
+from dynnet.checkpoint import CheckpointError, write_atomically
 from dynnet.module import DynamicNet
 
 
 class PredictionCSV(Callback):
-    """Writes what ``dynnet predict`` computes to a CSV file: x, the target, the prediction at each degree and
-    the expected prediction (the mean over the equally likely degrees)."""
+    """Writes what `dynnet predict` computes to a CSV file, one row per point."""
 
     def __init__(self, path: str | None = None) -> None:
         """
         Args:
-            path: Where ``dynnet predict`` writes its CSV; by default predictions.csv in the trainer's
-                default_root_dir.
+            path: The CSV file to write: x, the target, the prediction at each degree, and the expected
+                prediction (the mean over the equally likely degrees). Default: predictions.csv in the
+                checkpoint's run folder, or in default_root_dir.
         """
         self.path = path
         self.rows: list[dict[str, torch.Tensor]] = []
@@ -38,13 +39,25 @@ class PredictionCSV(Callback):
         path = Path(self.path or Path(trainer.default_root_dir) / "predictions.csv")
         path.parent.mkdir(parents=True, exist_ok=True)
         columns = list(self.rows[0])
-        with open(path, "w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(columns)
-            for batch in self.rows:
-                writer.writerows(zip(*(batch[c].tolist() for c in columns)))
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(columns)
+        for batch in self.rows:
+            writer.writerows(zip(*(batch[c].tolist() for c in columns)))
+        write_atomically(path, lambda file: file.write(text.getvalue().encode()))
         self.rows = []
         print(f"Predictions: {path}", flush=True)
+
+
+def check_output_path(path: Path, inputs: list[str | os.PathLike | None]) -> None:
+    """Refuse, before any work, an output path that is a directory or one of the files the command reads."""
+    if path.is_dir():
+        raise ValueError(f"output {path} is a directory; give a file name")
+    for source in inputs:
+        if source and path.exists() and Path(source).exists() and os.path.samefile(path, source):
+            raise ValueError(f"output {path} is {source}, which this command reads; choose another file")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"output {path} cannot be written: {path.parent} is not a directory")
 
 
 def export(checkpoint_path: str | os.PathLike) -> dict:
@@ -72,10 +85,14 @@ def export_main(args: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="a checkpoint written by dynnet fit")
     parser.add_argument("-o", "--output", help="the JSON file to write (default: the checkpoint's name with .json)")
     options = parser.parse_args(args)
-    output = Path(options.output or Path(options.checkpoint).with_suffix(".json"))
+    output = Path(options.output or Path(options.checkpoint).with_suffix(".json")).expanduser()
     try:
+        check_output_path(output, inputs=[options.checkpoint])
         polynomial = export(options.checkpoint)
-    except CheckpointError as err:
-        sys.exit(f"dynnet-export: error: {err}")
-    output.write_text(json.dumps(polynomial, indent=2) + "\n")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(output, lambda file: file.write((json.dumps(polynomial, indent=2) + "\n").encode()))
+    except (CheckpointError, ValueError, OSError) as err:
+        from dynnet.cli import one_line  # cli imports this module
+
+        sys.exit(f"dynnet-export: error: {one_line(err)}")
     print(f"Wrote {output}")

@@ -30,6 +30,16 @@ TINY = [
 ]
 
 
+def run_dir(root: Path, name: str = "version_0") -> Path:
+    """A run folder under root."""
+    return root / "lightning_logs" / name
+
+
+def last(root: Path, name: str = "version_0") -> Path:
+    """A run's last checkpoint."""
+    return run_dir(root, name) / "checkpoints" / "last.ckpt"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as probe:

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TINY, error_of, plain_loop, result
+from conftest import ROOT, TINY, error_of, last, plain_loop, result, run_dir
 
 from dynnet.checkpoint import load_checkpoint
 from dynnet.cli import main
@@ -12,13 +12,13 @@ from dynnet.cli import main
 def test_short_fit_learns_and_writes_its_run(fit, tmp_path):
     out, _ = fit("-c", str(ROOT / "configs" / "default.yaml"), *TINY)
     logs = Path(out.split("Logs: ")[1].split()[0])
-    assert logs.is_relative_to(tmp_path)
+    assert logs == run_dir(tmp_path)  # one folder holds the run: config, events, checkpoints
     assert list(logs.glob("events.out.tfevents.*"))
     assert yaml.safe_load((logs / "config.yaml").read_text())["trainer"]["max_steps"] == 200
-    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    checkpoint = load_checkpoint(last(tmp_path))
     assert checkpoint["global_step"] == 200
     assert sum(checkpoint["degree_counts"]) == 200
-    assert list((tmp_path / "checkpoints").glob("best-step=*.ckpt"))
+    assert list((logs / "checkpoints").glob("best-step=*.ckpt"))
     # The expected loss at the end is far below where training started.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -40,8 +40,8 @@ def test_seeded_run_matches_the_tutorial_loop_step_for_step(fit):
     torch.testing.assert_close(ours, tutorial, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
-def test_every_config_runs(fit, config):
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.stem != "sweep"))
+def test_every_fit_config_runs(fit, config):
     out, _ = fit("-c", str(ROOT / "configs" / config), *TINY, "--trainer.accelerator", "cpu", "--trainer.devices", "1")
     assert len(result(out)) == 5
 

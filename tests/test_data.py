@@ -1,7 +1,9 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from dynnet.data import SineData, StepBatches
+from dynnet.data import SineData, TrainItems
 
 
 @pytest.mark.parametrize(
@@ -19,12 +21,28 @@ def test_bad_values(kwargs, message):
         SineData(**kwargs)
 
 
-def test_step_batches_cover_the_epoch_once():
+def items(global_step: int, max_steps: int, steps_per_epoch: int, steps_per_batch: int) -> list[tuple[int, int]]:
+    """(first step, steps) of every item one epoch of the train loader yields from global_step."""
     x, y = torch.zeros(3), torch.ones(3)
-    batches = StepBatches(x, y, steps_per_epoch=250, steps_per_batch=100)
-    assert len(batches) == 3
-    assert [steps for _, _, steps in batches] == [100, 100, 50]
-    assert all(bx is x and by is y for bx, by, _ in batches)  # the same tensors: nothing is copied per step
+    trainer = SimpleNamespace(global_step=global_step, max_steps=max_steps)
+    loader = TrainItems(x, y, trainer, steps_per_epoch, steps_per_batch)
+    batches = list(loader)
+    assert all(bx is x and by is y for bx, by, _, _ in batches)  # the same tensors: nothing is copied per step
+    return [(first, steps) for _, _, first, steps in batches]
+
+
+def test_items_cover_an_epoch_on_the_grid():
+    assert items(0, 1000, 250, 100) == [(0, 100), (100, 100), (200, 50)]
+    assert items(250, 1000, 250, 100) == [(250, 50), (300, 100), (400, 100)]  # the epoch ends at step 500
+
+
+def test_a_resumed_run_first_finishes_its_item():
+    assert items(130, 1000, 250, 100) == [(130, 70), (200, 50)]
+
+
+def test_the_last_item_ends_at_max_steps():
+    assert items(0, 170, 250, 100) == [(0, 100), (100, 70)]
+    assert items(170, 170, 250, 100) == []
 
 
 def test_full_batch_is_the_tutorial_data():

@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from dynnet.model import DynamicPolynomial, design, expected_loss, optimum
+from dynnet.model import DynamicPolynomial, ExpectedLoss, design
 
 
 @pytest.fixture
@@ -52,21 +52,44 @@ def test_shared_weight_gets_gradient_from_each_shared_power(x, degree, powers):
     torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-9)
 
 
-def test_optimum_against_normal_equations(x):
+def direct_loss(theta, matrices, y):
+    """The expected loss from the n x 5 design matrices themselves: the squared error averaged over degrees."""
+    return ((matrices @ theta - y) ** 2).sum(-1).mean()
+
+
+def test_expected_loss_and_optimum_against_the_design_matrices(x):
     y = torch.sin(x)
     matrices = design(x, 3, 5)
-    # Independent route: the expected loss is theta' H theta - 2 g' theta + const; set its gradient to zero.
-    hessian = sum(m.T @ m for m in matrices) / len(matrices)
-    gradient = sum(m.T @ y for m in matrices) / len(matrices)
-    theta = torch.linalg.solve(hessian, gradient)
-    best = optimum(matrices, y)
-    torch.testing.assert_close(best, theta, rtol=1e-6, atol=1e-9)
-    assert expected_loss(best, matrices, y).item() == pytest.approx(8.7553, abs=1e-4)
+    expected = ExpectedLoss(x, y, 3, 5)
+    theta = torch.tensor([0.3, -0.7, 0.1, 0.05, 0.002], dtype=torch.float64)
+    torch.testing.assert_close(expected(theta), direct_loss(theta, matrices, y), rtol=1e-10, atol=0)
+    # Independent route to the optimum: least squares on all degrees' design matrices stacked.
+    stacked = torch.linalg.lstsq(matrices.reshape(-1, 5), y.repeat(3).unsqueeze(-1)).solution.squeeze(-1)
+    best = expected.optimum()
+    torch.testing.assert_close(best, stacked, rtol=1e-6, atol=1e-9)
+    assert expected(best).item() == pytest.approx(8.7553, abs=1e-4)
     # A nudge in any direction raises the expected loss.
     for i in range(5):
         nudged = best.clone()
         nudged[i] += 1e-4
-        assert expected_loss(nudged, matrices, y) > expected_loss(best, matrices, y)
+        assert expected(nudged) > expected(best)
+
+
+def test_expected_loss_in_chunks_equals_in_one_piece(x, monkeypatch):
+    y = torch.sin(x)
+    whole = ExpectedLoss(x, y, 3, 5)
+    monkeypatch.setattr(ExpectedLoss, "CHUNK", 7)  # 2000 points in 286 chunks
+    chunked = ExpectedLoss(x, y, 3, 5)
+    torch.testing.assert_close(chunked.gram, whole.gram, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(chunked.optimum(), whole.optimum(), rtol=1e-9, atol=1e-12)
+
+
+def test_largest_curvature_is_the_hessians_top_eigenvalue(x):
+    y = torch.sin(x)
+    matrices = design(x, 3, 5)
+    hessians = [2 * m.T @ m for m in matrices]
+    top = max(torch.linalg.eigvalsh(h).max().item() for h in hessians)
+    assert ExpectedLoss(x, y, 3, 5).largest_curvature() == pytest.approx(top, rel=1e-9)
 
 
 def test_formula_has_the_tutorial_format():
@@ -80,6 +103,7 @@ def test_formula_has_the_tutorial_format():
     [
         ({"min_degree": -1}, "min_degree must be between 0 and 24, got -1"),
         ({"min_degree": 6}, "min_degree must not exceed max_degree, got min_degree=6 and max_degree=5"),
+        ({"max_degree": 10**10}, "max_degree must be at most 100, got 10000000000"),
     ],
 )
 def test_bad_degrees(kwargs, message):

@@ -1,0 +1,271 @@
+"""A run: one folder holding a fit's config, logs, checkpoints and outputs, written by one process at a time.
+
+Runs live in ``<default_root_dir>/lightning_logs/<name>``, where TensorBoard finds them: ``version_N`` by default,
+or a name given with ``--run``. A fresh fit creates a new folder (never reuses one); a resumed fit continues in
+the folder its checkpoint lies in. While a process trains into a run it holds an OS lock on ``run.lock``, which
+the kernel releases when the process dies, however it dies.
+"""
+
+import contextlib
+import fcntl
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Checkpoint
+
+from dynnet.checkpoint import write_atomically
+from dynnet.module import Interrupted
+
+RUNS = "lightning_logs"  # Lightning's own folder name for runs, so `tensorboard --logdir <root>` finds them
+LOCK = "run.lock"
+LAST = "last.ckpt"
+
+
+class RunError(ValueError):
+    """A run that cannot be created, found or entered."""
+
+
+def runs_dir(root: str | os.PathLike | None) -> Path:
+    return Path(root or os.getcwd()).expanduser() / RUNS
+
+
+def create_run(root: str | os.PathLike | None, name: str | None = None) -> Path:
+    """Make a new run folder, ``name`` or the next ``version_N``; creating it is atomic, so two fits never share one."""
+    parent = runs_dir(root)
+    parent.mkdir(parents=True, exist_ok=True)
+    if name is not None:
+        path = parent / name
+        try:
+            path.mkdir()
+        except FileExistsError:
+            raise RunError(
+                f"run {path} already exists: resume it with --ckpt_path last --run {name}, or choose another name"
+            ) from None
+        return path
+    while True:
+        versions = [int(m.group(1)) for p in parent.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
+        path = parent / f"version_{max(versions, default=-1) + 1}"
+        with contextlib.suppress(FileExistsError):  # another process took this number first: take the next
+            path.mkdir()
+            return path
+
+
+def find_run(root: str | os.PathLike | None, name: str | None = None) -> Path:
+    """The named run, or the newest: the one a process most recently started training in."""
+    parent = runs_dir(root)
+    if name is not None:
+        if not (parent / name).is_dir():
+            raise RunError(f"there is no run {parent / name}")
+        return parent / name
+    runs = [p for p in parent.iterdir() if (p / LOCK).is_file()] if parent.is_dir() else []
+    if not runs:
+        raise RunError(f"there is no run under {parent} to take the last checkpoint from")
+    return max(runs, key=lambda p: ((p / LOCK).stat().st_mtime_ns, p.name))
+
+
+def last_checkpoint(run: Path) -> Path:
+    path = run / "checkpoints" / LAST
+    if not path.is_file():
+        raise RunError(f"run {run} has no checkpoint yet ({path} does not exist): it stopped before its first save")
+    return path
+
+
+def run_of(checkpoint: Path) -> Path | None:
+    """The run a checkpoint belongs to: the folder holding the ``checkpoints`` folder it lies in."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
+class RunLock:
+    """An exclusive lock on a run, held until ``release`` or the process's death; refused with a RunError naming
+    the holder's process id when another process holds it. Takes over from a killed holder: removes the
+    temporary files a kill mid-write leaves behind."""
+
+    def __init__(self, run: Path) -> None:
+        self.run = run
+        self.descriptor = os.open(run / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(self.descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.descriptor, 64).decode(errors="replace").strip() or "unknown"
+            os.close(self.descriptor)
+            raise RunError(
+                f"run {run} is in use by process {holder}: wait for it to finish, or start a new run"
+            ) from None
+        os.ftruncate(self.descriptor, 0)
+        os.pwrite(self.descriptor, f"{os.getpid()}\n".encode(), 0)  # also marks this run as the newest
+        for leftover in [*run.glob(".*.tmp"), *run.glob("checkpoints/.*.tmp")]:
+            leftover.unlink()
+
+    def release(self) -> None:
+        if self.descriptor is not None:
+            os.close(self.descriptor)  # closing the only descriptor releases the lock
+            self.descriptor = None
+
+
+class Run(Checkpoint):
+    """Keeps a fit's run folder and tells its user what happened.
+
+    - writes the run's config (config.yaml; config-step<N>.yaml for a resumed run);
+    - saves ``last.ckpt``, the run's latest state, after every validation of the fit, at the end of training and
+      where SIGTERM or SIGINT stopped it; and, unless the user gives a ModelCheckpoint, ``best-step=<N>.ckpt``,
+      the state with the lowest ``val/expected_loss`` so far;
+    - stops training on SIGTERM or SIGINT at the next step boundary;
+    - logs an evaluation at the final step when Lightning's validation did not run there;
+    - moves a resumed run's checkpoint bookkeeping to where its folder is now, and removes files a kill left;
+    - prints the resume point, the training speed, the tutorial's Result line and where the logs are.
+
+    A Checkpoint, so Lightning runs it after every other callback (ModelCheckpoint included): the state it saves
+    already holds their updates for the step.
+    """
+
+    def __init__(self, path: Path | None, config: str | None = None, save: bool = True, best: bool = True) -> None:
+        """
+        Args:
+            path: The run folder (on processes other than rank 0, replaced by rank 0's); None writes nothing.
+            config: The run's config as YAML.
+            save: Whether to save checkpoints at all (False for --trainer.enable_checkpointing false).
+            best: Whether to keep the best checkpoint (False when the user gives a ModelCheckpoint).
+        """
+        self.path, self.config = path, config
+        self.save_last, self.save_best = save and path is not None, save and best and path is not None
+        self.best_name: str | None = None
+        self.best_score: float | None = None
+        self.resumed_at: int | None = None
+        self.saved_step: int | None = None
+        self.handlers: dict[int, object] = {}
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def state_dict(self) -> dict:
+        return {"path": str(self.path), "best": self.best_name, "best_score": self.best_score}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best_name, self.best_score = state_dict["best"], state_dict["best_score"]
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        path = trainer.strategy.broadcast(str(self.path) if self.path else None)
+        self.path = Path(path) if path else None
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        self.resumed_at = checkpoint["global_step"]
+        # Callbacks keep absolute paths of their files. A run folder that was moved or copied continues with its
+        # own files: rewrite the old folder's paths before the callbacks load their state.
+        old = checkpoint.get("callbacks", {}).get(self.state_key, {}).get("path")
+        if old and self.path and old != str(self.path):
+            checkpoint["callbacks"] = _rebase(checkpoint["callbacks"], old, str(self.path))
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero and self.resumed_at is not None:
+            print(f"Resumed from {trainer.ckpt_path} at step {self.resumed_at}", flush=True)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.handlers[signum] = signal.signal(signum, lambda signum, frame: _request_stop(pl_module, signum))
+        self.start_step, self.start_time = trainer.global_step, time.perf_counter()
+        if not trainer.is_global_zero or self.path is None:
+            return
+        if self.config is not None:
+            name = "config.yaml" if self.resumed_at is None else f"config-step{self.resumed_at}.yaml"
+            write_atomically(self.path / name, lambda file: file.write(self.config.encode()))
+        if self.save_best:
+            # A kill between writing a new best checkpoint and deleting the old one, or before the last checkpoint
+            # recorded the new one, leaves a file the restored state does not know; the resumed run writes it
+            # again when it gets there.
+            for path in self.checkpoints.glob("best-*.ckpt"):
+                if path.name != self.best_name:
+                    path.unlink()
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        score = trainer.callback_metrics.get("val/expected_loss")
+        if self.save_best and score is not None and (self.best_score is None or float(score) < self.best_score):
+            previous, self.best_name, self.best_score = (
+                self.best_name,
+                f"best-step={trainer.global_step}.ckpt",
+                float(score),
+            )
+            self._save(trainer, self.checkpoints / self.best_name)
+            if previous and previous != self.best_name and trainer.is_global_zero:
+                (self.checkpoints / previous).unlink(missing_ok=True)
+        self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A ModelCheckpoint that validates once an epoch saves here, after the validation: save again so that
+        # last.ckpt records what it saved.
+        self.save(trainer, again=True)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_handlers()
+        log_final_evaluation(trainer, pl_module)
+        self.save(trainer)
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start_time
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After every callback's on_train_end, so these lines follow the progress display's last one.
+        log_dir = trainer.log_dir  # a collective under DDP: every process must ask
+        if trainer.is_global_zero:
+            steps, seconds = trainer.global_step - self.start_step, self.seconds
+            print(f"Trained {steps} steps in {seconds:.3f} s ({steps / max(seconds, 1e-9):.0f} steps/s)")
+            print(f"Result: {pl_module.model.formula()}")
+            print(f"Logs: {log_dir if trainer.loggers else self.path}", flush=True)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+        if isinstance(exception, Interrupted):
+            log_final_evaluation(trainer, pl_module)
+            self.save(trainer)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._restore_handlers()
+
+    def save(self, trainer: Trainer, again: bool = False) -> None:
+        """Save last.ckpt, unless it already holds this step (and ``again`` is False)."""
+        if self.save_last and (again or self.saved_step != trainer.global_step):
+            self._save(trainer, self.checkpoints / LAST)
+            self.saved_step = trainer.global_step
+
+    def _save(self, trainer: Trainer, path: Path) -> None:
+        if not trainer.fast_dev_run:
+            trainer.save_checkpoint(path, weights_only=False)  # every process calls it; rank 0 writes
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self.handlers.items():
+            signal.signal(signum, handler)
+        self.handlers = {}
+
+
+def log_final_evaluation(trainer: Trainer, pl_module: LightningModule) -> None:
+    """Log val/* at the final step when Lightning's validation did not run there (an interrupt, or an epoch that
+    check_val_every_n_epoch skips). Only logged: early stopping, schedulers and best checkpoints see just
+    Lightning's validations, so an interrupted run continues exactly as if it had not been interrupted."""
+    if not trainer.loggers or trainer.fast_dev_run or trainer.limit_val_batches == 0:
+        return
+    if pl_module.evaluated_step == trainer.global_step:
+        return
+    x, y = next(iter(trainer.datamodule.val_dataloader()))
+    pl_module.log_evaluation({f"val/{name}": value for name, value in pl_module.evaluate(x, y).items()})
+
+
+def _request_stop(pl_module: LightningModule, signum: int) -> None:
+    pl_module.stop_signal = signum
+
+
+def _rebase(value, old: str, new: str):
+    """value with every string that is a path under ``old`` moved under ``new``, in nested dicts and lists."""
+    if isinstance(value, str):
+        return new + value[len(old) :] if value == old or value.startswith(old + os.sep) else value
+    if isinstance(value, dict):
+        return {_rebase(k, old, new): _rebase(v, old, new) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_rebase(v, old, new) for v in value)
+    return value

@@ -1,0 +1,376 @@
+"""A run is a unit: one folder, one writer, `last` is its final state, and nothing a command writes destroys
+what it reads. Kills, signals and concurrent writers are real processes."""
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY, error_of, last, result, run_dir
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dynnet.checkpoint import MAX_CHECKPOINT_BYTES, load_checkpoint
+from dynnet.cli import DynnetCLI, main
+from dynnet.module import DynamicNet
+from dynnet.predictions import export_main
+
+DEFAULT = str(ROOT / "configs" / "default.yaml")
+
+
+def fit(root: Path, *args: str) -> DynnetCLI:
+    with ExitStack() as cleanup:
+        return DynnetCLI(["fit", "-c", DEFAULT, *TINY, *args, "--trainer.default_root_dir", str(root)], cleanup=cleanup)
+
+
+def dynnet(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dynnet", *args], capture_output=True, text=True, **kwargs)
+
+
+def parameters(checkpoint: Path) -> list[float]:
+    state = load_checkpoint(checkpoint)["state_dict"]
+    return [state[k].item() for k in sorted(k for k in state if k.startswith("model.coefficients"))] + [
+        state["model.shared"].item()
+    ]
+
+
+def val_steps(run: Path) -> list[int]:
+    return [e.step for e in EventAccumulator(str(run)).Reload().Scalars("val/expected_loss")]
+
+
+# ------------------------------------------------------------------------------------------------ one run, one folder
+
+
+def test_every_fresh_fit_is_a_new_run_and_last_means_the_newest(tmp_path, capsys):
+    fit(tmp_path, "--trainer.max_steps", "100")
+    fit(tmp_path, "--seed_everything", "4")  # a second, different run in the same root
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+    assert sorted(p.name for p in (run_dir(tmp_path, "version_1") / "checkpoints").iterdir()) == [
+        "best-step=200.ckpt",
+        "last.ckpt",
+    ]
+    capsys.readouterr()
+    cli = fit(tmp_path, "--seed_everything", "4", "--trainer.max_steps", "300", "--ckpt_path", "last")
+    assert f"Resumed from {last(tmp_path, 'version_1')} at step 200" in capsys.readouterr().out
+    assert cli.trainer.global_step == 300
+    assert load_checkpoint(last(tmp_path, "version_0"))["global_step"] == 100  # untouched
+
+
+def test_a_named_run(tmp_path, capsys):
+    fit(tmp_path, "--run", "baseline")
+    assert last(tmp_path, "baseline").is_file()
+    error = error_of(["fit", "-c", DEFAULT, *TINY, "--run", "baseline", "--trainer.default_root_dir", str(tmp_path)],
+                     capsys)  # fmt: skip
+    assert f"run {run_dir(tmp_path, 'baseline')} already exists" in error
+    fit(tmp_path, "--trainer.max_steps", "100")  # a newer run that `last` alone would pick
+    cli = fit(tmp_path, "--run", "baseline", "--trainer.max_steps", "300", "--ckpt_path", "last")
+    assert cli.trainer.global_step == 300
+    assert load_checkpoint(last(tmp_path, "baseline"))["global_step"] == 300
+
+
+def test_fast_dev_run_leaves_the_real_run_alone(tmp_path):
+    fit(tmp_path)
+    fit(tmp_path, "--trainer.fast_dev_run", "true")
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
+    cli = fit(tmp_path, "--trainer.max_steps", "300", "--ckpt_path", "last")
+    assert cli.trainer.global_step == 300  # resumed from 200, not from the dev run's step 1
+
+
+def test_a_resumed_fit_continues_its_folder_and_its_curves(tmp_path):
+    fit(tmp_path)
+    fit(tmp_path, "--trainer.max_steps", "400", "--ckpt_path", "last")
+    run = run_dir(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
+    assert (run / "config.yaml").is_file() and (run / "config-step200.yaml").is_file()
+    events = EventAccumulator(str(run)).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(20, 401, 20))
+    assert val_steps(run) == [100, 200, 300, 400]
+
+
+@pytest.mark.parametrize("user_checkpoint", [False, True], ids=["dynnet-best", "user-top-k"])
+def test_a_moved_run_resumes_from_its_own_state(tmp_path, user_checkpoint):
+    spec = '{"class_path": "ModelCheckpoint", "init_args": {"monitor": "val/expected_loss", "save_top_k": 2}}'
+    extra = ["--trainer.callbacks+", spec] if user_checkpoint else []
+    fit(tmp_path / "before", *extra)
+    shutil.move(tmp_path / "before", tmp_path / "after")
+    cli = fit(tmp_path / "after", *extra, "--trainer.max_steps", "400", "--ckpt_path", "last")
+    assert cli.trainer.global_step == 400
+    files = sorted(p.name for p in (run_dir(tmp_path / "after") / "checkpoints").iterdir())
+    assert "last-v1.ckpt" not in files and load_checkpoint(last(tmp_path / "after"))["global_step"] == 400
+    if user_checkpoint:
+        kept = [f for f in files if f.startswith("epoch=")]
+        assert len(kept) == 2  # still the top two of the whole run: the moved ones were tracked, not orphaned
+    else:
+        assert [f for f in files if f.startswith("best-")] == ["best-step=400.ckpt"]
+
+
+# ------------------------------------------------------------------------------------------------ last is final
+
+
+@pytest.mark.parametrize(
+    "args, final",
+    [
+        (["--trainer.max_steps", "250"], 250),  # not a whole number of epochs
+        (["--trainer.max_steps", "-1", "--trainer.max_epochs", "3"], 300),
+        (["--trainer.check_val_every_n_epoch", "3", "--trainer.max_steps", "400"], 400),
+        (
+            ["--trainer.callbacks+", '{"class_path": "EarlyStopping", "init_args": {"monitor": "val/expected_loss", '
+             '"patience": 0, "min_delta": 1e9}}', "--trainer.max_steps", "1000"],
+            200,
+        ),
+    ],
+    ids=["max_steps", "max_epochs", "skipped-validation", "early-stopping"],
+)
+def test_last_is_the_printed_result_validated_at_the_final_step(tmp_path, capsys, args, final):
+    main(["fit", "-c", DEFAULT, *TINY, *args, "--trainer.default_root_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert load_checkpoint(last(tmp_path))["global_step"] == final
+    assert parameters(last(tmp_path)) == result(out)  # exact: float reprs round-trip
+    assert val_steps(run_dir(tmp_path))[-1] == final
+
+
+def test_the_best_checkpoint_is_the_lowest_expected_loss(tmp_path):
+    fit(tmp_path, "--optimizer", "torch.optim.Adam", "--optimizer.lr", "0.3", "--trainer.max_steps", "600")
+    losses = dict(
+        (e.step, e.value) for e in EventAccumulator(str(run_dir(tmp_path))).Reload().Scalars("val/expected_loss")
+    )
+    [best] = (run_dir(tmp_path) / "checkpoints").glob("best-*.ckpt")
+    assert load_checkpoint(best)["global_step"] == min(losses, key=losses.get)
+
+
+# ------------------------------------------------------------------------------------------------ one writer
+
+
+def test_a_second_writer_is_refused_while_the_first_trains(tmp_path):
+    fit(tmp_path)
+    args = ["fit", "-c", DEFAULT, *TINY, "--trainer.max_steps", "100000", "--ckpt_path", "last",
+            "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    first = subprocess.Popen([sys.executable, "-m", "dynnet", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = run_dir(tmp_path)
+    try:
+        while (run / "run.lock").read_text().strip() != str(first.pid):
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.05)
+        second = dynnet(*args)
+        assert second.returncode != 0
+        assert second.stderr.strip() == f"dynnet: error: run {run} is in use by process {first.pid}: wait for it to " \
+            "finish, or start a new run"  # fmt: skip
+        assert first.poll() is None  # the first goes on
+        assert (run / "run.lock").read_text().strip() == str(first.pid)
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_refused_writer_changes_nothing(tmp_path):
+    fit(tmp_path)
+    run = run_dir(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from dynnet.run import RunLock; "
+         "RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(run)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in run.rglob("*")}
+        for args in (["--ckpt_path", "last"], ["--ckpt_path", str(last(tmp_path))]):
+            refused = dynnet("fit", "-c", DEFAULT, *TINY, "--trainer.max_steps", "300", *args,
+                             "--trainer.default_root_dir", str(tmp_path))
+            assert refused.returncode != 0 and f"is in use by process {holder.pid}" in refused.stderr
+        after = {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in run.rglob("*")}
+        assert after == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_fresh_fits_at_once_get_two_runs(tmp_path):
+    args = ["fit", "-c", DEFAULT, *TINY, "--trainer.default_root_dir", str(tmp_path)]
+    processes = [subprocess.Popen([sys.executable, "-m", "dynnet", *args], stdout=subprocess.PIPE) for _ in range(2)]
+    outputs = [p.communicate(timeout=120)[0].decode() for p in processes]
+    assert all(p.returncode == 0 for p in processes)
+    logs = sorted(out.split("Logs: ")[1].split()[0] for out in outputs)
+    assert logs == [str(run_dir(tmp_path, "version_0")), str(run_dir(tmp_path, "version_1"))]
+
+
+def test_leftovers_of_a_kill_are_cleaned_and_symlinks_never_followed(tmp_path):
+    fit(tmp_path)
+    checkpoints = run_dir(tmp_path) / "checkpoints"
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not a checkpoint")
+    (checkpoints / ".last.ckpt.tmp").symlink_to(outside)  # where the old fixed temporary name lay
+    (checkpoints / ".last.ckpt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    shutil.copy(last(tmp_path), checkpoints / "best-step=900.ckpt")  # a best file the run's state does not know
+    fit(tmp_path, "--trainer.max_steps", "300", "--ckpt_path", "last")
+    assert outside.read_text() == "not a checkpoint"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-step=300.ckpt", "last.ckpt"]
+
+
+# ------------------------------------------------------------------------------------------------ preemption
+
+
+# Batches of 500 steps (logging every 1000), so that a signal mostly lands in the middle of one.
+LONG = ["fit", "-c", DEFAULT, "--seed_everything", "5", "--trainer.max_steps", "6000", "--trainer.log_every_n_steps",
+        "1000", "--trainer.enable_progress_bar", "false", "--data.steps_per_epoch", "1000"]  # fmt: skip
+
+
+def interrupt(root: Path, signum: int, *extra: str) -> tuple[subprocess.CompletedProcess, int]:
+    """Start LONG in root, send signum after its first checkpoint; returns the process and its stderr's step."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dynnet", *LONG, *extra, "--trainer.default_root_dir", str(root)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    while not last(root).exists() and process.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err), load_checkpoint(last(root))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_at_a_step_saves_it_and_resumes_exactly(tmp_path, signum, code):
+    whole = dynnet(*LONG, "--trainer.default_root_dir", str(tmp_path / "whole"), check=True)
+    stopped, checkpoint = interrupt(tmp_path / "stopped", signum)
+    step = checkpoint["global_step"]
+    assert stopped.returncode == code
+    name = signal.Signals(signum).name
+    assert stopped.stderr.strip().splitlines()[-1] == f"stopped by {name} at step {step}; resume with --ckpt_path last"
+    assert 1000 <= step < 6000 and "Result:" not in stopped.stdout
+    assert val_steps(run_dir(tmp_path / "stopped"))[-1] == step  # evaluated where it stopped
+    resumed = dynnet(*LONG, "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path / "stopped"), check=True)
+    assert f"at step {step}" in resumed.stdout
+    assert result(resumed.stdout) == result(whole.stdout)  # bitwise: float reprs round-trip
+    assert parameters(last(tmp_path / "stopped")) == parameters(last(tmp_path / "whole"))
+
+
+# ------------------------------------------------------------------------------------------------ resuming, changed
+
+
+def test_a_changed_learning_rate_applies_from_the_resumed_step(tmp_path, capsys):
+    fit(tmp_path)
+    capsys.readouterr()
+    fit(tmp_path, "--trainer.max_steps", "400", "--optimizer.lr", "2e-8", "--ckpt_path", "last")
+    assert "Resumed with optimizer lr=2e-08 (the run had 1e-08)" in capsys.readouterr().out
+    lrs = {e.step: e.value for e in EventAccumulator(str(run_dir(tmp_path))).Reload().Scalars("train/lr")}
+    assert lrs[200] == pytest.approx(1e-8) and lrs[220] == pytest.approx(2e-8)
+
+
+@pytest.mark.parametrize(
+    "args, refused",
+    [
+        (["--optimizer", "torch.optim.Adam"], "a changed optimizer: it is torch.optim.adam.Adam"),
+        (["--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "10"], "lr_scheduler"),
+        (["--data.n_points", "1000"], "a changed data.n_points: it is 1000, the run was trained with 2000"),
+        (["--trainer.precision", "64-true"], "a changed trainer.precision: it is 64-true"),
+        (["--seed_everything", "9"], "a changed seed_everything: it is 9, the run was trained with 3"),
+        (["--trainer.max_steps", "200"], "is at step 200, and --trainer.max_steps is 200: nothing to train"),
+    ],
+    ids=["optimizer", "scheduler", "data", "precision", "seed", "max_steps"],
+)
+def test_a_change_that_cannot_apply_is_refused(tmp_path, capsys, args, refused):
+    fit(tmp_path)
+    error = error_of(["fit", "-c", DEFAULT, *TINY, "--trainer.max_steps", "400", *args, "--ckpt_path", "last",
+                      "--trainer.default_root_dir", str(tmp_path)], capsys)  # fmt: skip
+    assert refused in error
+    assert load_checkpoint(last(tmp_path))["global_step"] == 200
+
+
+# ------------------------------------------------------------------------------------------------ outputs and inputs
+
+
+def test_outputs_never_overwrite_inputs(tmp_path, capsys):
+    fit(tmp_path)
+    checkpoint = last(tmp_path)
+    original = checkpoint.read_bytes()
+    config = run_dir(tmp_path) / "config.yaml"
+    for output in (checkpoint, config, tmp_path):
+        error = error_of(["predict", "-c", str(config), "--ckpt_path", str(checkpoint),
+                          "--predictions.path", str(output)], capsys)  # fmt: skip
+        assert "dynnet: error: output" in error
+    with pytest.raises(SystemExit, match="which this command reads"):
+        export_main([str(checkpoint), "-o", str(checkpoint)])
+    assert checkpoint.read_bytes() == original
+    export_main([str(checkpoint), "-o", str(tmp_path / "new" / "folder" / "polynomial.json")])
+    assert (tmp_path / "new" / "folder" / "polynomial.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ bounded loading
+
+
+def crafted(tmp_path: Path, trained: Path, name: str, change) -> Path:
+    checkpoint = torch.load(trained, weights_only=True)
+    change(checkpoint)
+    path = tmp_path / name
+    torch.save(checkpoint, path)
+    return path
+
+
+def deflated_bomb(path: Path) -> Path:
+    """A small zip that declares 100 MB: one entry of zeros, deflate-compressed."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", b"\0" * (100 << 20))
+    assert path.stat().st_size < MAX_CHECKPOINT_BYTES
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("trained")
+    fit(root)
+    return last(root)
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda tmp, trained: deflated_bomb(tmp / "bomb.ckpt"), "unpacks to 104857600 bytes"),
+        (lambda tmp, trained: crafted(tmp, trained, "huge.ckpt",
+                                      lambda c: c["hyper_parameters"].update(max_degree=10**10)),
+         "declares degrees 3 to 10000000000"),  # fmt: skip
+        (lambda tmp, trained: crafted(tmp, trained, "counts.ckpt", lambda c: c.pop("degree_counts")),
+         "is not a dynnet checkpoint"),  # fmt: skip
+        (lambda tmp, trained: crafted(tmp, trained, "shape.ckpt",
+                                      lambda c: c["state_dict"].update({"model.shared": torch.zeros(3)})),
+         "parameter model.shared should be one floating-point number"),  # fmt: skip
+        (lambda tmp, trained: crafted(tmp, trained, "hparams.ckpt", lambda c: c.update(hyper_parameters=None)),
+         "its hyper_parameters lack the integer min_degree and max_degree"),  # fmt: skip
+    ],
+    ids=["deflate-bomb", "huge-degree", "no-degree-counts", "wrong-shape", "no-hparams"],
+)
+def test_crafted_checkpoints_are_refused_everywhere(tmp_path, capsys, trained, make, reason):
+    path = make(tmp_path, trained)
+    for subcommand in ("fit", "validate", "test", "predict"):
+        error = error_of([subcommand, "--ckpt_path", str(path), "--trainer.default_root_dir", str(tmp_path)], capsys)
+        assert error.startswith(f"dynnet: error: checkpoint {path} ") and reason in error, subcommand
+    with pytest.raises(SystemExit, match=reason):
+        export_main([str(path), "-o", str(tmp_path / "out.json")])
+    with pytest.raises(ValueError, match=reason):
+        DynamicNet.load_from_checkpoint(path)
+
+
+def test_a_deflated_checkpoint_is_refused_before_it_is_unpacked(tmp_path):
+    bomb = deflated_bomb(tmp_path / "bomb.ckpt")
+    code = (
+        "import resource, sys\n"
+        "from dynnet.checkpoint import load_checkpoint\n"
+        "try:\n    load_checkpoint(sys.argv[1])\nexcept ValueError as err:\n    print(err)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, check=True).stdout
+    refusal, peak_mib = out.strip().splitlines()
+    assert "was refused: it unpacks to" in refusal
+    assert int(peak_mib) < 1000  # torch and Lightning's imports; unpacking alone would add 100 MB and more
+
+
+def test_written_checkpoints_are_readable_by_plain_torch(trained):
+    assert torch.load(io.BytesIO(trained.read_bytes()), weights_only=True)["global_step"] == 200
+    assert os.stat(trained).st_mode & 0o044  # readable like any file the user creates, not owner-only
