@@ -273,7 +273,7 @@ def test_barebones_trains_and_reports(tmp_path, capsys):
 
 
 def test_a_profiler_replaces_the_default(tmp_path):
-    spec = '{"class_path": "SimpleProfiler", "init_args": {"dirpath": "%s", "filename": "perf"}}' % tmp_path
+    spec = f'{{"class_path": "SimpleProfiler", "init_args": {{"dirpath": "{tmp_path}", "filename": "perf"}}}}'
     fit(tmp_path, "--trainer.profiler", spec)
     report = (tmp_path / "fit-perf.txt").read_text()
     assert "run_training_epoch" in report and "[Strategy]SingleDeviceStrategy.training_step" in report
@@ -306,8 +306,16 @@ def test_logger_off_writes_no_events(tmp_path):
             "use every_n_train_steps",
         ),
     ],
-    ids=["limit_train_batches", "accumulate", "overfit", "lr-monitor", "device-stats", "lr-finder", "save_last",
-         "train_time_interval"],  # fmt: skip
+    ids=[
+        "limit_train_batches",
+        "accumulate",
+        "overfit",
+        "lr-monitor",
+        "device-stats",
+        "lr-finder",
+        "save_last",
+        "train_time_interval",
+    ],  # fmt: skip
 )
 def test_refused_with_one_line(tmp_path, capsys, flags, refused):
     assert refused in refusal(tmp_path, capsys, *flags)
@@ -386,8 +394,8 @@ def test_csv_logger_logs_optimizer_steps(tmp_path):
 
 def test_two_loggers_write_into_the_run(tmp_path):
     loggers = (
-        '[{"class_path": "TensorBoardLogger", "init_args": {"save_dir": "%s"}}, '
-        '{"class_path": "CSVLogger", "init_args": {"save_dir": "%s"}}]' % (tmp_path, tmp_path)
+        f'[{{"class_path": "TensorBoardLogger", "init_args": {{"save_dir": "{tmp_path}"}}}}, '
+        f'{{"class_path": "CSVLogger", "init_args": {{"save_dir": "{tmp_path}"}}}}]'
     )
     fit(tmp_path, "--trainer.logger", loggers)
     assert (run_dir(tmp_path) / "metrics.csv").is_file()

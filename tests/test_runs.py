@@ -121,8 +121,13 @@ def test_a_moved_run_resumes_from_its_own_state(tmp_path, user_checkpoint):
         (["--trainer.max_steps", "-1", "--trainer.max_epochs", "3"], 300),
         (["--trainer.check_val_every_n_epoch", "3", "--trainer.max_steps", "400"], 400),
         (
-            ["--trainer.callbacks+", '{"class_path": "EarlyStopping", "init_args": {"monitor": "val/expected_loss", '
-             '"patience": 0, "min_delta": 1e9}}', "--trainer.max_steps", "1000"],
+            [
+                "--trainer.callbacks+",
+                '{"class_path": "EarlyStopping", "init_args": {"monitor": "val/expected_loss", '
+                '"patience": 0, "min_delta": 1e9}}',
+                "--trainer.max_steps",
+                "1000",
+            ],
             200,
         ),
     ],
@@ -181,8 +186,17 @@ def test_a_refused_writer_changes_nothing(tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         before = {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in run.rglob("*")}
         for args in (["--ckpt_path", "last"], ["--ckpt_path", str(last(tmp_path))]):
-            refused = dynnet("fit", "-c", DEFAULT, *TINY, "--trainer.max_steps", "300", *args,
-                             "--trainer.default_root_dir", str(tmp_path))
+            refused = dynnet(
+                "fit",
+                "-c",
+                DEFAULT,
+                *TINY,
+                "--trainer.max_steps",
+                "300",
+                *args,
+                "--trainer.default_root_dir",
+                str(tmp_path),
+            )
             assert refused.returncode != 0 and f"is in use by process {holder.pid}" in refused.stderr
         after = {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in run.rglob("*")}
         assert after == before
@@ -333,16 +347,26 @@ def trained(tmp_path_factory) -> Path:
     "make, reason",
     [
         (lambda tmp, trained: deflated_bomb(tmp / "bomb.ckpt"), "unpacks to 104857600 bytes"),
-        (lambda tmp, trained: crafted(tmp, trained, "huge.ckpt",
-                                      lambda c: c["hyper_parameters"].update(max_degree=10**10)),
-         "declares degrees 3 to 10000000000"),  # fmt: skip
-        (lambda tmp, trained: crafted(tmp, trained, "counts.ckpt", lambda c: c.pop("degree_counts")),
-         "is not a dynnet checkpoint"),  # fmt: skip
-        (lambda tmp, trained: crafted(tmp, trained, "shape.ckpt",
-                                      lambda c: c["state_dict"].update({"model.shared": torch.zeros(3)})),
-         "parameter model.shared should be one floating-point number"),  # fmt: skip
-        (lambda tmp, trained: crafted(tmp, trained, "hparams.ckpt", lambda c: c.update(hyper_parameters=None)),
-         "its hyper_parameters lack the integer min_degree and max_degree"),  # fmt: skip
+        (
+            lambda tmp, trained: crafted(
+                tmp, trained, "huge.ckpt", lambda c: c["hyper_parameters"].update(max_degree=10**10)
+            ),
+            "declares degrees 3 to 10000000000",
+        ),  # fmt: skip
+        (
+            lambda tmp, trained: crafted(tmp, trained, "counts.ckpt", lambda c: c.pop("degree_counts")),
+            "is not a dynnet checkpoint",
+        ),  # fmt: skip
+        (
+            lambda tmp, trained: crafted(
+                tmp, trained, "shape.ckpt", lambda c: c["state_dict"].update({"model.shared": torch.zeros(3)})
+            ),
+            "parameter model.shared should be one floating-point number",
+        ),  # fmt: skip
+        (
+            lambda tmp, trained: crafted(tmp, trained, "hparams.ckpt", lambda c: c.update(hyper_parameters=None)),
+            "its hyper_parameters lack the integer min_degree and max_degree",
+        ),  # fmt: skip
     ],
     ids=["deflate-bomb", "huge-degree", "no-degree-counts", "wrong-shape", "no-hparams"],
 )
