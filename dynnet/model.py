@@ -67,6 +67,16 @@ class DynamicPolynomial(nn.Module):
     def names(self) -> list[str]:
         return list(string.ascii_lowercase[: self.min_degree + 2])
 
+    def describe(self) -> str:
+        """One line: the parameters, which powers share one, and the degrees drawn."""
+        names = self.names()
+        shared = " and ".join(f"x^{p}" for p in range(self.min_degree + 1, self.max_degree + 1))
+        sharing = f" ({names[-1]} shared by {shared})" if self.max_degree > self.min_degree + 1 else ""
+        return (
+            f"DynamicPolynomial, {len(names)} parameters {', '.join(names)}{sharing}, "
+            f"degree drawn from {self.min_degree} to {self.max_degree} at every step"
+        )
+
     def formula(self) -> str:
         """The tutorial's Result text: ``y = a + b x + c x^2 + d x^3 + e x^4 ? + e x^5 ?`` with the numbers."""
         values = [c.item() for c in self.coefficients]

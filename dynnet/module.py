@@ -102,33 +102,36 @@ class DynamicNet(LightningModule):
         losses = []
         step = first
         stop = None
-        for _ in range(steps):
-            degree = model.draw_degree()  # one draw per optimizer step, so LBFGS re-evaluates the same degree
-            evaluations = []
+        # Gradients are summed across processes by _sum_gradients: DDP's own synchronization would average them
+        # (shrinking the update by the process count) and trip on the shared coefficient degree 3 leaves out.
+        with optimizer.toggle_model(sync_grad=False):
+            for _ in range(steps):
+                degree = model.draw_degree()  # one draw per optimizer step, so LBFGS re-evaluates the same degree
+                evaluations = []
 
-            # Called by the optimizer within this iteration (several times by LBFGS), so it binds this step's
-            # degree and list.
-            def closure(degree: int = degree, evaluations: list = evaluations) -> Tensor:
-                nonlocal stop
-                loss = F.mse_loss(polynomial(powers, degree, coefficients, shared), y, reduction="sum")
-                optimizer.zero_grad()
-                self.manual_backward(loss)
-                if distributed:
-                    stop = _sum_gradients(params, self.stop_signal)
-                evaluations.append(loss)
-                return loss
+                # Called by the optimizer within this iteration (several times by LBFGS), so it binds this step's
+                # degree and list.
+                def closure(degree: int = degree, evaluations: list = evaluations) -> Tensor:
+                    nonlocal stop
+                    loss = F.mse_loss(polynomial(powers, degree, coefficients, shared), y, reduction="sum")
+                    optimizer.zero_grad()
+                    self.manual_backward(loss)
+                    if distributed:
+                        stop = _sum_gradients(params, self.stop_signal)
+                    evaluations.append(loss)
+                    return loss
 
-            optimizer.step(closure=closure)
-            step += 1
-            losses.append(evaluations[0])  # the loss at the step's starting point, as the tutorial reports it
-            self.degree_counts[degree - model.min_degree] += 1
-            for config in step_schedulers:
-                if step % config.frequency == 0:
-                    self.lr_scheduler_step(config.scheduler, None)
-            if not distributed:
-                stop = self.stop_signal
-            if stop is not None:
-                break
+                optimizer.step(closure=closure)
+                step += 1
+                losses.append(evaluations[0])  # the loss at the step's starting point, as the tutorial reports it
+                self.degree_counts[degree - model.min_degree] += 1
+                for config in step_schedulers:
+                    if step % config.frequency == 0:
+                        self.lr_scheduler_step(config.scheduler, None)
+                if not distributed:
+                    stop = self.stop_signal
+                if stop is not None:
+                    break
         self._check_finite(torch.stack(losses).detach(), first, x, y)
         self.last_loss = losses[-1].detach()
         now = time.monotonic()

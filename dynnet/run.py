@@ -162,7 +162,10 @@ class Run(Checkpoint):
             checkpoint["callbacks"] = _rebase(checkpoint["callbacks"], old, str(self.path))
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero and self.resumed_at is not None:
+        if not trainer.is_global_zero:
+            return
+        print(f"Model: {pl_module.model.describe()}", flush=True)  # what Lightning's summary table would say
+        if self.resumed_at is not None:
             print(f"Resumed from {trainer.ckpt_path} at step {self.resumed_at}", flush=True)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

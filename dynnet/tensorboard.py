@@ -115,7 +115,8 @@ class TensorBoardExtras(Callback):
         if not writers or self.drawn_at == trainer.global_step:
             return
         x, y = batch
-        pick = torch.linspace(0, len(x) - 1, min(len(x), POINTS)).round().long().to(x.device)
+        # float64: float32 cannot count to n_points - 1 beyond 2**24 points, and would round past the end
+        pick = torch.linspace(0, len(x) - 1, min(len(x), POINTS), dtype=torch.float64).round().long().to(x.device)
         x, y = x[pick], y[pick]
         with torch.no_grad():
             predictions = {k: _numpy(p) for k, p in pl_module.model.at_each_degree(x).items()}

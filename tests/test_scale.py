@@ -1,11 +1,15 @@
 """Data parallelism and precision by flag: every launch mode gives the one-process answer."""
 
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from conftest import ROOT, free_port, plain_loop, result
+
+from dynnet.checkpoint import load_checkpoint
 
 # The default config, shortened to 2000 steps (one epoch), as the README's scale-out commands run it.
 FIT = [
@@ -69,3 +73,29 @@ def test_float64_matches_a_float64_plain_loop(tmp_path):
 
 def test_bf16_mixed_runs_on_cpu(tmp_path):
     assert len(fit(tmp_path, "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "300")) == 5
+
+
+@pytest.mark.slow
+def test_sigterm_under_ddp_stops_every_process_at_one_step_and_resumes_exactly(tmp_path):
+    long = [*FIT, *DDP, "--trainer.devices", "2", "--trainer.max_steps", "4000", "--data.steps_per_epoch", "1000",
+            "--trainer.log_every_n_steps", "1000"]  # fmt: skip
+    whole = subprocess.run([sys.executable, *long, "--trainer.default_root_dir", str(tmp_path / "whole")],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    root = tmp_path / "stopped"
+    process = subprocess.Popen([sys.executable, *long, "--trainer.default_root_dir", str(root)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    checkpoint = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    while not checkpoint.exists() and process.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)  # to rank 0 only, as a scheduler signalling the job's main process
+    _, err = process.communicate(timeout=300)
+    step = load_checkpoint(checkpoint)["global_step"]
+    assert process.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"stopped by SIGTERM at step {step}; resume with --ckpt_path last"
+    assert 1000 <= step < 4000
+    resumed = subprocess.run([sys.executable, *long, "--ckpt_path", "last", "--trainer.default_root_dir", str(root)],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert result(resumed.stdout) == result(whole.stdout)
