@@ -10,10 +10,11 @@ warm-up of each, and reports the median and the spread (min-max) over --repeats 
   and progress display on) and for the plain loop with identical math (x**p cached, as dynnet does), at each
   --sizes n_points.
 
-Writes benchmark/results.json and benchmark/scaling.png.
+Writes results.json and scaling.png (results-gpu.json and scaling-gpu.png on a GPU) into the folder --out names;
+benchmark/ holds the figures the README shows.
 
-    python scripts/benchmark.py                     # CPU, about 15 minutes on 2 cores
-    python scripts/benchmark.py --accelerator gpu   # the same on the first GPU
+    python scripts/benchmark.py --out /tmp/bench                     # CPU, about 15 minutes on 2 cores
+    python scripts/benchmark.py --out /tmp/bench --accelerator gpu   # the same on the first GPU
 """
 
 import argparse
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", type=float, nargs="+", default=[2e3, 2e4, 2e5, 2e6])
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmark")
+    parser.add_argument("--out", type=Path, required=True, help="folder for results.json and scaling.png")
     args = parser.parse_args()
     device = "cuda" if args.accelerator == "gpu" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -169,18 +170,21 @@ def _table(results: dict) -> str:
 
 
 def _plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return
+    matplotlib.use("Agg")  # no display: render to a file
+    import matplotlib.pyplot as plt
+
     sizes = [int(s) for s in results["per_step_us"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind in ("dynnet", "plain"):
-        ax.loglog(sizes, [results["per_step_us"][s][kind]["median"] for s in results["per_step_us"]], "o-", label=kind)
+        rows = [results["per_step_us"][s][kind] for s in results["per_step_us"]]
+        medians = [r["median"] for r in rows]
+        spread = [[m - r["min"] for m, r in zip(medians, rows)], [r["max"] - m for m, r in zip(medians, rows)]]
+        # The bars span the fastest and slowest of the repeats: timings on a shared machine vary.
+        ax.errorbar(sizes, medians, yerr=spread, fmt="o-", capsize=4, label=f"{kind} (median, min-max)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("n_points")
     ax.set_ylabel("µs per optimizer step")
     ax.set_title(f"cost per step on {results['machine']['device']}")
