@@ -208,6 +208,8 @@ class DynnetCLI(LightningCLI):
         if self.subcommand != "fit":
             # Evaluation needs only the weights; the run's callbacks that wrote the checkpoint do not apply.
             warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create")
+            # Evaluation has no logger on purpose; Lightning builds its printed results from logged metrics.
+            warnings.filterwarnings("ignore", message=r"You called `self.log\(.*, logger=True\)` but have no logger")
         if self.subcommand == "predict":
             run = run_of(Path(config.ckpt_path)) if config.ckpt_path else None
             path = Path(config.predictions.path or (run or Path(trainer.default_root_dir)) / "predictions.csv")
@@ -373,6 +375,9 @@ class DynnetCLI(LightningCLI):
 def main(args: ArgsType = None) -> None:
     """Run the command line; ``args`` stands in for ``sys.argv[1:]`` so tests and scripts can call it directly."""
     with ExitStack() as cleanup:
+        # Lightning leaves a DDP process group open; torch's gloo threads can abort the interpreter's exit
+        # ("terminate called without an active exception") unless it is destroyed first.
+        cleanup.callback(_end_process_group)
         try:
             DynnetCLI(args=args, cleanup=cleanup)
         except Interrupted as stop:
@@ -387,6 +392,11 @@ def main(args: ArgsType = None) -> None:
                 raise
             cleanup.close()
             sys.exit(f"dynnet: error: {one_line(err)}")
+
+
+def _end_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def one_line(err: BaseException) -> str:

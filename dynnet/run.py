@@ -152,6 +152,7 @@ class Run(Checkpoint):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         path = trainer.strategy.broadcast(str(self.path) if self.path else None)
         self.path = Path(path) if path else None
+        self.other_checkpoints = any(isinstance(c, Checkpoint) and c is not self for c in trainer.callbacks)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         self.resumed_at = checkpoint["global_step"]
@@ -203,7 +204,8 @@ class Run(Checkpoint):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A ModelCheckpoint that validates once an epoch saves here, after the validation: save again so that
         # last.ckpt records what it saved.
-        self.save(trainer, again=True)
+        if self.other_checkpoints:
+            self.save(trainer, again=True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore_handlers()

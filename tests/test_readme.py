@@ -1,4 +1,13 @@
+import math
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
 from conftest import ROOT
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
 def test_ci_runs_the_readme_test_command_as_written():
@@ -9,3 +18,32 @@ def test_ci_runs_the_readme_test_command_as_written():
 
 def test_readme_quick_start_trains_the_default_config():
     assert "&& .venv/bin/dynnet fit -c configs/default.yaml\n" in (ROOT / "README.md").read_text()
+
+
+def flag_examples() -> list[str]:
+    """Every backquoted example in the README's flag table."""
+    table = (ROOT / "README.md").read_text().split("| to change | flag |")[1].split("\n\n")[0]
+    return [example for row in table.splitlines()[2:] for example in re.findall(r"`(--[^`]+)`", row.split("|")[2])]
+
+
+def test_the_flag_table_has_its_examples():
+    assert len(flag_examples()) >= 14
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", flag_examples())
+def test_every_flag_example_trains(tmp_path, example):
+    if "gpu" in example and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    args = [*shlex.split(example), "--trainer.max_steps", "600", "--data.steps_per_epoch", "200",
+            "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    if "--trainer.default_root_dir" in example:
+        args[args.index("--trainer.default_root_dir") + 1] = str(tmp_path / "runs")
+    else:
+        args += ["--trainer.default_root_dir", str(tmp_path / "runs")]
+    run = subprocess.run([sys.executable, "-m", "dynnet", "fit", "-c", str(ROOT / "configs" / "default.yaml"), *args],
+                         capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    [folder] = (tmp_path / "runs" / "lightning_logs").iterdir()
+    losses = [e.value for e in EventAccumulator(str(folder)).Reload().Scalars("val/expected_loss")]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
