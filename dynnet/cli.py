@@ -64,14 +64,34 @@ logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLe
 logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
 # The seed is in the run's config.yaml; its "Seed set to" line would precede every one-line error.
 logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
-# main() passes LightningCLI the arguments after joining negative numbers to their flags (see
-# _join_negative_numbers); LightningCLI warns when it gets a list while sys.argv has arguments too.
-warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-# Lightning's use of a deprecated torch API; nothing a dynnet user can act on.
-warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
-# ModelCheckpoint(every_n_train_steps) under manual optimization warns that it saves the state after the step:
-# that is what dynnet means by step N.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
+
+
+def _ignore_warnings(fit: bool) -> None:
+    """Lightning's warnings that do not apply to dynnet. Set when a command starts (not at import), so that they
+    hold inside warning contexts such as pytest's too."""
+    messages = [
+        # main() passes LightningCLI the arguments after joining negative numbers to their flags (see
+        # _join_negative_numbers); LightningCLI warns when it gets a list while sys.argv has arguments too.
+        "LightningCLI's args parameter is intended to run from within Python",
+        # Lightning's use of a deprecated torch API; nothing a dynnet user can act on.
+        ".*isinstance\\(treespec, LeafSpec\\)",
+        # ModelCheckpoint(every_n_train_steps) under manual optimization warns that it saves the state after the
+        # step: that is what dynnet means by step N.
+        "Using ModelCheckpoint with manual optimization and every_n_train_steps",
+        # A run folder holds the run's own files; loggers and checkpoints given into it are meant to share it.
+        "Checkpoint directory .* exists and is not empty",
+        "Experiment logs directory .* exists and is not empty",
+    ]
+    if not fit:
+        messages += [
+            # Evaluation needs only the weights; the run's callbacks that wrote the checkpoint do not apply.
+            "Be aware that when using `ckpt_path`, callbacks used to create",
+            # Evaluation has no logger on purpose; Lightning builds its printed results from logged metrics.
+            "You called `self.log\\(.*, logger=True\\)` but have no logger",
+        ]
+    for message in messages:
+        warnings.filterwarnings("ignore", message=message)
+
 
 # Errors that a user's input, files or a run's numbers cause: shown as one line unless DYNNET_DEBUG is set.
 USER_ERRORS = (ValueError, ArgumentError, OSError, DivergenceError, MisconfigurationException, TypeError)
@@ -108,6 +128,7 @@ class DynnetCLI(LightningCLI):
         self.cleanup = cleanup if cleanup is not None else ExitStack()
         self.extra_callbacks = list(callbacks or [])
         self.args = list(sys.argv[1:] if args is None else args)
+        _ignore_warnings(fit=True)
         super().__init__(
             DynamicNet,
             SineData,
@@ -205,11 +226,7 @@ class DynnetCLI(LightningCLI):
         _check_optimizer(config.optimizer)
         if self.subcommand == "fit" and not trainer.fast_dev_run:
             self._enter_run(config)
-        if self.subcommand != "fit":
-            # Evaluation needs only the weights; the run's callbacks that wrote the checkpoint do not apply.
-            warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create")
-            # Evaluation has no logger on purpose; Lightning builds its printed results from logged metrics.
-            warnings.filterwarnings("ignore", message=r"You called `self.log\(.*, logger=True\)` but have no logger")
+        _ignore_warnings(fit=self.subcommand == "fit")
         if self.subcommand == "predict":
             run = run_of(Path(config.ckpt_path)) if config.ckpt_path else None
             path = Path(config.predictions.path or (run or Path(trainer.default_root_dir)) / "predictions.csv")
@@ -268,6 +285,10 @@ class DynnetCLI(LightningCLI):
         lock = RunLock(run)
         self.cleanup.callback(lock.release)
         self.run_path = run
+        earlier = run / "metrics.csv"
+        if self.resume is not None and earlier.is_file():
+            # Lightning's CSVLogger deletes the metrics.csv it finds in its folder; keep the run's history.
+            earlier.rename(run / f"metrics-until-step{self.resume['step']}.csv")
         os.environ["DYNNET_RUN"] = str(run)
         # A logger given in the config without a version logs into this run's version, so that a resumed run
         # continues its curves rather than opening a new version.
@@ -351,8 +372,7 @@ class DynnetCLI(LightningCLI):
     def _config_yaml(self) -> str | None:
         if self.run_path is None:
             return None
-        # jsonargparse cannot write an enum inside a callback's arguments (Timer's interval); its name parses back.
-        config = _enums_by_name(self.config[self.subcommand].clone())
+        config = _writable(self.config[self.subcommand].clone())
         return self._parser(self.subcommand).dump(config, skip_unset=False)
 
     def _item_steps(self, config, user_callbacks: list[Callback]) -> int:
@@ -602,14 +622,18 @@ def _last_step(config) -> int:
     return max_steps
 
 
-def _enums_by_name(value: Any) -> Any:
+def _writable(value: Any) -> Any:
+    """value with what jsonargparse cannot write inside a callback's arguments (an enum such as Timer's interval,
+    a torch.device such as StochasticWeightAveraging's) as the text that parses back to it."""
     if isinstance(value, Namespace):
         for key, item in vars(value).items():
-            setattr(value, key, _enums_by_name(item))
+            setattr(value, key, _writable(item))
     elif isinstance(value, list):
-        return [_enums_by_name(v) for v in value]
+        return [_writable(v) for v in value]
     elif isinstance(value, enum.Enum):
         return value.name
+    elif isinstance(value, torch.device):
+        return str(value)
     return value
 
 

@@ -135,7 +135,8 @@ class DynamicNet(LightningModule):
         self._check_finite(torch.stack(losses).detach(), first, x, y)
         self.last_loss = losses[-1].detach()
         now = time.monotonic()
-        if now - self.shown_at > 0.25:  # for Lightning's progress bars, which redraw a few times a second at most
+        if self.trainer.progress_bar_callback is not None and now - self.shown_at > 0.25:
+            # For Lightning's progress bars, which redraw a few times a second at most.
             self.log("train/loss", self.last_loss, prog_bar=True, logger=False)
             self.shown_at = now
         every = self.trainer.log_every_n_steps
@@ -276,7 +277,8 @@ class DynamicNet(LightningModule):
         # get the metrics at the optimizer step, as train/* (Lightning would log them against its count of train
         # batches).
         fitting = self.trainer.state.fn == TrainerFn.FITTING
-        self.log_dict(metrics, sync_dist=True, logger=not fitting)
+        if not self.trainer.barebones:  # which turns Lightning's logging off
+            self.log_dict(metrics, sync_dist=True, logger=not fitting)
         if fitting and not self.trainer.sanity_checking:
             self.log_evaluation(metrics)
         return metrics

@@ -201,16 +201,17 @@ class Run(Checkpoint):
                 (self.checkpoints / previous).unlink(missing_ok=True)
         self.save(trainer)
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # A ModelCheckpoint that validates once an epoch saves here, after the validation: save again so that
-        # last.ckpt records what it saved.
-        if self.other_checkpoints:
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A ModelCheckpoint that validates once an epoch saves at the epoch's end, after the validation that wrote
+        # last.ckpt: save it again, now that the epoch is complete, so that it records what they saved (saving
+        # in on_train_epoch_end would have a resumed run replay the epoch's end for them).
+        if self.other_checkpoints and self.saved_step == trainer.global_step:
             self.save(trainer, again=True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore_handlers()
         log_final_evaluation(trainer, pl_module)
-        self.save(trainer)
+        self.save(trainer, again=self.other_checkpoints)
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.start_time
@@ -234,7 +235,7 @@ class Run(Checkpoint):
         self._restore_handlers()
 
     def save(self, trainer: Trainer, again: bool = False) -> None:
-        """Save last.ckpt, unless it already holds this step (and ``again`` is False)."""
+        """Save last.ckpt, unless it already holds this step and ``again`` is False."""
         if self.save_last and (again or self.saved_step != trainer.global_step):
             self._save(trainer, self.checkpoints / LAST)
             self.saved_step = trainer.global_step

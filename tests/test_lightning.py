@@ -400,3 +400,13 @@ def test_two_loggers_write_into_the_run(tmp_path):
     fit(tmp_path, "--trainer.logger", loggers)
     assert (run_dir(tmp_path) / "metrics.csv").is_file()
     assert steps_of(tmp_path, "train/loss") == list(range(20, 201, 20))
+
+
+def test_a_resumed_csv_log_keeps_its_history(tmp_path):
+    csv_logger = ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(tmp_path)]
+    fit(tmp_path, *csv_logger)
+    fit(tmp_path, *csv_logger, "--trainer.max_steps", "300", "--ckpt_path", "last")
+    earlier = list(csv.DictReader((run_dir(tmp_path) / "metrics-until-step200.csv").open()))
+    later = list(csv.DictReader((run_dir(tmp_path) / "metrics.csv").open()))
+    assert [int(r["step"]) for r in earlier if r.get("train/loss")] == list(range(20, 201, 20))
+    assert [int(r["step"]) for r in later if r.get("train/loss")] == list(range(220, 301, 20))
