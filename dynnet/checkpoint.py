@@ -80,8 +80,17 @@ def _malformation(checkpoint: Any) -> str | None:
     counts = checkpoint["degree_counts"]
     if not isinstance(counts, list) or len(counts) != high - low + 1 or not all(isinstance(c, int) for c in counts):
         return f"is malformed: degree_counts should be {high - low + 1} whole numbers"
-    if not isinstance(checkpoint["run_settings"], dict):
-        return "is malformed: run_settings should be a mapping"
+    generator = checkpoint["degree_generator"]  # random.Random's state: (version, 625 words, gauss's next value)
+    if not (isinstance(generator, tuple) and len(generator) == 3 and isinstance(generator[1], tuple)):
+        return "is malformed: degree_generator is not a random generator's state"
+    if not isinstance(checkpoint.get("global_step"), int) or checkpoint["global_step"] < 0:
+        return "is malformed: it has no step count (global_step)"
+    settings = checkpoint["run_settings"]
+    mappings = ("optimizer_args", "lr_scheduler_args", "data")
+    if not isinstance(settings, dict) or not all(isinstance(settings.get(k, {}), dict) for k in mappings):
+        return "is malformed: run_settings should map optimizer_args, lr_scheduler_args and data to their values"
+    if not isinstance(checkpoint.get("callbacks", {}), dict):
+        return "is malformed: callbacks should map each callback to its state"
     return None
 
 

@@ -28,21 +28,25 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import (
     BatchSizeFinder,
     DeviceStatsMonitor,
+    EarlyStopping,
+    GradientAccumulationScheduler,
     LearningRateFinder,
     LearningRateMonitor,
     ModelCheckpoint,
+    OnExceptionCheckpoint,
     ProgressBar,
+    ThroughputMonitor,
 )
 from lightning.pytorch.cli import ArgsType, LightningCLI, LRSchedulerTypeTuple
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.profilers import PassThroughProfiler
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.optim import Optimizer
 
 from dynnet.callbacks import StepProgressBar
 from dynnet.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
 from dynnet.data import SineData, training_dtype
-from dynnet.module import DivergenceError, DynamicNet, Interrupted
+from dynnet.module import DivergenceError, DynamicNet, Interrupted, class_path, is_number
 from dynnet.predictions import PredictionCSV, check_output_path
 from dynnet.run import (
     Run,
@@ -94,7 +98,7 @@ def _ignore_warnings(fit: bool) -> None:
 
 
 # Errors that a user's input, files or a run's numbers cause: shown as one line unless DYNNET_DEBUG is set.
-USER_ERRORS = (ValueError, ArgumentError, OSError, DivergenceError, MisconfigurationException, TypeError)
+USER_ERRORS = (ValueError, ArgumentError, OSError, DivergenceError, MisconfigurationException)
 
 # The tutorial's optimizer, used when a config names none.
 TUTORIAL_OPTIMIZER = {"class_path": "torch.optim.SGD", "init_args": {"lr": 1e-8, "momentum": 0.9}}
@@ -102,7 +106,10 @@ TUTORIAL_OPTIMIZER = {"class_path": "torch.optim.SGD", "init_args": {"lr": 1e-8,
 REFUSED_CALLBACKS = {
     LearningRateMonitor: "dynnet logs the learning rate as train/lr every log_every_n_steps optimizer steps",
     DeviceStatsMonitor: "it logs against Lightning's batch count",
+    ThroughputMonitor: "the progress display and the `Trained ... steps/s` line give the speed in steps",
 }
+# What dynnet's validation logs: what EarlyStopping, ModelCheckpoint and ReduceLROnPlateau can monitor.
+MONITORABLE = ("val/expected_loss", "val/optimality_gap", "val/log10_gap", "train/loss")
 
 
 class QuietProfiler(PassThroughProfiler):
@@ -224,12 +231,17 @@ class DynnetCLI(LightningCLI):
         trainer = config.trainer
         _check_trainer_flags(trainer)
         _check_optimizer(config.optimizer)
+        if trainer.fast_dev_run and config.ckpt_path and self.subcommand == "fit":
+            raise ValueError("--trainer.fast_dev_run checks a fresh run in a few steps; drop --ckpt_path")
         if self.subcommand == "fit" and not trainer.fast_dev_run:
             self._enter_run(config)
         _ignore_warnings(fit=self.subcommand == "fit")
         if self.subcommand == "predict":
             run = run_of(Path(config.ckpt_path)) if config.ckpt_path else None
-            path = Path(config.predictions.path or (run or Path(trainer.default_root_dir)) / "predictions.csv")
+            given = config.predictions.path
+            if given and given.endswith(("/", os.sep)):
+                raise ValueError(f"output {given} is a directory; give a file name")
+            path = Path(given or (run or Path(trainer.default_root_dir)) / "predictions.csv")
             config.predictions.path = str(path.expanduser())
             check_output_path(path, inputs=[config.ckpt_path, *(str(c) for c in config.get("config") or [])])
 
@@ -258,7 +270,7 @@ class DynnetCLI(LightningCLI):
                 )
         if subcommand == "fit":
             _check_resumable(path, checkpoint, config)
-            self.resume = {"path": path, "step": checkpoint["global_step"]}
+            self.resume = {"path": path, "step": checkpoint["global_step"], "settings": checkpoint["run_settings"]}
         return str(path)
 
     def _enter_run(self, config) -> None:
@@ -280,15 +292,13 @@ class DynnetCLI(LightningCLI):
         else:
             fresh = True
         if fresh:
-            run = create_run(config.trainer.default_root_dir, config.run)
-            self.cleanup.callback(_discard_if_unused, run)
+            root = Path(config.trainer.default_root_dir)
+            made = [p for p in (root, *root.parents) if not p.exists()]  # folders this run would be the first in
+            run = create_run(root, config.run)
+            self.cleanup.callback(_discard_if_unused, run, made)
         lock = RunLock(run)
         self.cleanup.callback(lock.release)
         self.run_path = run
-        earlier = run / "metrics.csv"
-        if self.resume is not None and earlier.is_file():
-            # Lightning's CSVLogger deletes the metrics.csv it finds in its folder; keep the run's history.
-            earlier.rename(run / f"metrics-until-step{self.resume['step']}.csv")
         os.environ["DYNNET_RUN"] = str(run)
         # A logger given in the config without a version logs into this run's version, so that a resumed run
         # continues its curves rather than opening a new version.
@@ -303,8 +313,7 @@ class DynnetCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self.config[self.subcommand]
         trainer_config = dict(self.config_init[self.subcommand].trainer)
-        user_callbacks = list(trainer_config.pop("callbacks") or [])
-        user_callbacks = user_callbacks if isinstance(user_callbacks, list) else [user_callbacks]
+        user_callbacks = _as_list(trainer_config.pop("callbacks"))
         fit = self.subcommand == "fit"
         run = self.run_path
         fast_dev_run = bool(trainer_config.get("fast_dev_run"))
@@ -320,10 +329,18 @@ class DynnetCLI(LightningCLI):
             interval = _validation_steps(config)
             if interval is not None:
                 trainer_config["val_check_interval"] = interval // items
+                trained = self.resume["settings"].get("item_steps", items) if self.resume else items
+                if trained != items:
+                    raise ValueError(
+                        f"cannot resume with batches of {items} steps (the run's were {trained}): "
+                        "val_check_interval counts train batches; keep the run's steps_per_batch, log_every_n_steps "
+                        "and checkpoint intervals"
+                    )
             trainer_config["max_steps"] = _last_step(config)
         self.model.gradient_clip_val = trainer_config.pop("gradient_clip_val", None)
         self.model.gradient_clip_algorithm = trainer_config.pop("gradient_clip_algorithm", None)
         self.model.lr_interval = config.lr_interval
+        self.model.lr_scheduler_args = dict(vars(config.lr_scheduler.init_args)) if config.get("lr_scheduler") else {}
 
         # Defaults the user replaces by giving their own: a progress display, a best checkpoint, TensorBoard.
         barebones = bool(trainer_config.get("barebones"))
@@ -360,7 +377,11 @@ class DynnetCLI(LightningCLI):
         if fit and trainer_config.get("logger") not in (None, False):
             callbacks.append(TensorBoardExtras())
         trainer_config["callbacks"] = callbacks
-        trainer_config["plugins"] = [*(trainer_config.get("plugins") or []), SafeCheckpointIO()]
+        trainer_config["plugins"] = [*_as_list(trainer_config.get("plugins")), SafeCheckpointIO()]
+        earlier = run / "metrics.csv" if run is not None and self.resume is not None and _is_rank_zero() else None
+        if earlier is not None and earlier.is_file():
+            # Lightning's CSVLogger deletes the metrics.csv it finds in its folder; keep the run's history.
+            earlier.rename(run / f"metrics-until-step{self.resume['step']}.csv")
         if trainer_config.get("profiler") is None and not barebones:
             trainer_config["profiler"] = QuietProfiler()
         return self.trainer_class(**(trainer_config | kwargs))
@@ -384,7 +405,9 @@ class DynnetCLI(LightningCLI):
         interval = _validation_steps(config)
         if interval:
             steps = math.gcd(steps, interval)
-        for spec, callback in zip(config.trainer.callbacks or [], user_callbacks):
+        if config.trainer.min_steps:
+            steps = math.gcd(steps, config.trainer.min_steps)
+        for spec, callback in zip(_as_list(config.trainer.callbacks), user_callbacks):
             if isinstance(callback, ModelCheckpoint):
                 every = (spec.get("init_args") or Namespace()).get("every_n_train_steps")
                 if every:
@@ -404,6 +427,10 @@ def main(args: ArgsType = None) -> None:
             print(f"{stop}; resume with --ckpt_path last", file=sys.stderr, flush=True)
             cleanup.close()
             sys.exit(128 + stop.signum)
+        except SIGTERMException:  # Lightning's own handler, during the few moments before dynnet's takes over
+            print("stopped by SIGTERM before training started", file=sys.stderr, flush=True)
+            cleanup.close()
+            sys.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:  # before training started, or after it ended
             cleanup.close()
             sys.exit(128 + signal.SIGINT)
@@ -427,6 +454,11 @@ def one_line(err: BaseException) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- checks
+
+
+def _as_list(value: Any) -> list:
+    """A Trainer argument that takes one object or a list of them, as a list."""
+    return list(value) if isinstance(value, list) else [] if value is None else [value]
 
 
 def _check_trainer_flags(trainer) -> None:
@@ -455,6 +487,13 @@ def _check_trainer_flags(trainer) -> None:
         )
     if trainer.overfit_batches not in (None, 0, 0.0):
         raise ValueError("--trainer.overfit_batches does not apply: every dynnet step trains on all the points")
+    if trainer.log_every_n_steps is not None and trainer.log_every_n_steps < 0:
+        raise ValueError(f"--trainer.log_every_n_steps must be 0 (no logging) or more, got {trainer.log_every_n_steps}")
+    if str(trainer.strategy).startswith("ddp_spawn"):
+        raise ValueError(
+            "--trainer.strategy ddp_spawn is not supported (the CLI's optimizer does not survive the spawn): use "
+            "ddp, which launches the processes itself, or torchrun"
+        )
     if trainer.gradient_clip_algorithm not in (None, "norm", "value"):
         algorithm = trainer.gradient_clip_algorithm
         raise ValueError(f"--trainer.gradient_clip_algorithm must be norm or value, got {algorithm}")
@@ -532,20 +571,25 @@ def _check_resumable(path: Path, checkpoint: dict, config) -> None:
     seed = config.seed_everything
     if isinstance(seed, int) and not isinstance(seed, bool) and settings.get("seed") not in (None, seed):
         differences.append(("seed_everything", seed, settings["seed"]))
-    precision = _precision(config.trainer.precision)
+    precision = _precision(config.trainer.precision, config.trainer.accelerator)
     if settings.get("precision") not in (None, precision):
         differences.append(("trainer.precision", precision, settings["precision"]))
-    optimizer = _class_path_of(config.optimizer.class_path)
+    optimizer = class_path(_import(config.optimizer.class_path))
     if settings.get("optimizer") not in (None, optimizer):
         differences.append(("optimizer", optimizer, settings["optimizer"]))
-    scheduler = _class_path_of(config.lr_scheduler.class_path) if config.get("lr_scheduler") else None
+    trained_args = settings.get("optimizer_args", {})
+    for name, value in vars(config.optimizer.get("init_args") or Namespace()).items():
+        old = trained_args.get(name, value)
+        if old != value and not (is_number(old) and is_number(value)):  # numbers apply from the resumed step
+            differences.append((f"optimizer.{name}", value, old))
+    scheduler = class_path(_import(config.lr_scheduler.class_path)) if config.get("lr_scheduler") else None
     if settings.get("lr_scheduler") != scheduler:
         differences.append(("lr_scheduler", scheduler, settings.get("lr_scheduler")))
-    elif scheduler is not None and checkpoint.get("lr_schedulers"):
-        trained = checkpoint["lr_schedulers"][0]
+    elif scheduler is not None:
+        trained_args = settings.get("lr_scheduler_args", {})
         for name, value in vars(config.lr_scheduler.get("init_args") or Namespace()).items():
-            if name not in ("last_epoch", "verbose", "optimizer") and name in trained and trained[name] != value:
-                differences.append((f"lr_scheduler.{name}", value, trained[name]))
+            if name not in ("last_epoch", "verbose") and trained_args.get(name, value) != value:
+                differences.append((f"lr_scheduler.{name}", value, trained_args[name]))
     if settings.get("lr_interval") not in (None, config.lr_interval):
         differences.append(("lr_interval", config.lr_interval, settings["lr_interval"]))
     for name in ("n_points", "low", "high", "steps_per_epoch"):
@@ -572,6 +616,22 @@ def _refuse_callbacks(callbacks: list[Callback], item_steps: int | None) -> None
             raise ValueError(
                 f"{type(callback).__name__} needs Lightning's automatic optimization, which dynnet's step loop "
                 "does not use: search learning rates with dynnet-sweep"
+            )
+        if isinstance(callback, GradientAccumulationScheduler):
+            raise ValueError(
+                "GradientAccumulationScheduler is not supported: every dynnet step already uses all the points; "
+                "change the step size with --optimizer.lr or a --lr_scheduler"
+            )
+        if isinstance(callback, OnExceptionCheckpoint):
+            raise ValueError(
+                "OnExceptionCheckpoint would make every later fit resume from its file: dynnet saves last.ckpt "
+                "when SIGTERM or SIGINT stop a fit, and resumes it with --ckpt_path last; drop OnExceptionCheckpoint"
+            )
+        monitor = getattr(callback, "monitor", None)
+        if isinstance(callback, (EarlyStopping, ModelCheckpoint)) and monitor not in (None, *MONITORABLE):
+            raise ValueError(
+                f"{type(callback).__name__} monitors {monitor!r}, which dynnet does not log; "
+                f"use one of {', '.join(MONITORABLE)}"
             )
         if isinstance(callback, ModelCheckpoint):
             if callback.save_last:
@@ -637,13 +697,15 @@ def _writable(value: Any) -> Any:
     return value
 
 
-def _discard_if_unused(run: Path) -> None:
-    """Remove a run folder this command created when nothing but its lock was written into it."""
+def _discard_if_unused(run: Path, made: list[Path]) -> None:
+    """Remove a run folder this command created when nothing but its lock was written into it, and the folders
+    above it that the command created (the runs folder, default_root_dir) when they are left empty."""
     if [p.name for p in run.iterdir()] == ["run.lock"]:
         (run / "run.lock").unlink()
         run.rmdir()
-        with contextlib.suppress(OSError):
-            run.parent.rmdir()  # the runs folder too, if this was its only run
+        for folder in [run.parent, *made]:
+            with contextlib.suppress(OSError):  # not empty: another run, or the user's files
+                folder.rmdir()
 
 
 def _is_rank_zero() -> bool:
@@ -652,21 +714,17 @@ def _is_rank_zero() -> bool:
     return all(os.environ.get(key, "0") == "0" for key in keys)
 
 
-def _precision(value: Any) -> str:
+def _precision(value: Any, accelerator: Any = "cpu") -> str:
     """Lightning's precision setting in its canonical form, as trainer.precision reports it."""
     value = "32-true" if value is None else str(value)
-    return {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}.get(value, value)
+    value = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}.get(value, value)
+    gpu = str(accelerator) in ("gpu", "cuda") or (str(accelerator) == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if value == "16-mixed" and not gpu else value  # Lightning's substitute on a CPU
 
 
 def _import(class_path: str) -> type:
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
-
-
-def _class_path_of(class_path: str) -> str:
-    """The class path a checkpoint records (its defining module) for a path as configs write it."""
-    cls = _import(class_path)
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _class_defaults(class_path: str) -> dict[str, Any]:

@@ -61,6 +61,10 @@ class DynamicNet(LightningModule):
         self.last_loss: Tensor | None = None
         self.shown_at = 0.0  # when train/loss was last given to the progress bar
         self.seed: int | None = None
+        # When the scheduler steps, and the arguments it was configured with: set by `dynnet fit`, recorded in
+        # checkpoints so that a resume can tell a changed schedule.
+        self.lr_interval = "step"
+        self.lr_scheduler_args: dict = {}
         self.resumed_from: dict | None = None  # the run settings a loaded checkpoint was trained with
         self.evaluated_step: int | None = None  # the optimizer step of the last evaluation logged
         self._evaluation: tuple[Tensor, ExpectedLoss, Tensor] | None = None
@@ -83,7 +87,7 @@ class DynamicNet(LightningModule):
 
     def on_train_start(self) -> None:
         if self.resumed_from is not None:
-            self._apply_changed_optimizer_arguments(self.resumed_from["optimizer_args"])
+            self._apply_changed_optimizer_arguments(self.resumed_from.get("optimizer_args", {}))
 
     # ----------------------------------------------------------------------------------------------- training
 
@@ -147,11 +151,16 @@ class DynamicNet(LightningModule):
             if len(losses) < steps:
                 # Mid-item: Lightning has not finished this batch, so a resumed run fetches its rest again.
                 raise Interrupted(stop, step)
+            # The item is done: Lightning finishes it (and an epoch's end, validation) as an uninterrupted run
+            # would, and the next batch stops before its first step.
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Raised after every callback has seen the finished batch, so the checkpoint records it as done.
-        if self.stop_signal is not None:
-            raise Interrupted(self.stop_signal, self.global_step)
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        stop = self.stop_signal
+        if self.trainer.world_size > 1:  # a signal that came between steps reached only some processes
+            flag = torch.tensor(float(stop or 0), device=self.device)
+            stop = (stop or signal.SIGTERM) if self.trainer.strategy.reduce(flag, reduce_op="sum") > 0 else None
+        if stop is not None:
+            raise Interrupted(stop, self.global_step)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Where automatic optimization clips: after the on_before_optimizer_step hooks, with gradients unscaled.
@@ -221,7 +230,7 @@ class DynamicNet(LightningModule):
             old = trained.get(name, new)
             if old == new:
                 continue
-            if not _is_number(new) or not _is_number(old):
+            if not is_number(new) or not is_number(old):
                 raise ValueError(
                     f"--optimizer.{name} is {new}, but the checkpoint was trained with {old}; this argument cannot "
                     "change in the middle of a run: start a new run, or resume with the same value"
@@ -308,6 +317,7 @@ class DynamicNet(LightningModule):
         checkpoint = load_checkpoint(checkpoint_path, map_location or "cpu")
         degrees = {key: checkpoint["hyper_parameters"][key] for key in ("min_degree", "max_degree")}
         module = cls(**(degrees | kwargs))
+        module.to(checkpoint["state_dict"]["model.shared"].dtype)  # a float64 run's numbers stay float64
         module.load_state_dict(checkpoint["state_dict"])
         module.on_load_checkpoint(checkpoint)
         return module
@@ -322,10 +332,14 @@ class DynamicNet(LightningModule):
         checkpoint["run_settings"] = {
             "seed": self.seed,
             "precision": str(trainer.precision),
-            "optimizer": _class_path(optimizer) if optimizer else None,
-            "optimizer_args": {k: v for k, v in optimizer.defaults.items() if _is_plain(v)} if optimizer else {},
-            "lr_scheduler": _class_path(schedulers[0]) if schedulers else None,
+            "optimizer": class_path(type(optimizer)) if optimizer else None,
+            "optimizer_args": {k: v for k, v in optimizer.defaults.items() if is_plain(v)} if optimizer else {},
+            "lr_scheduler": class_path(type(schedulers[0])) if schedulers else None,
+            "lr_scheduler_args": {k: v for k, v in self.lr_scheduler_args.items() if is_plain(v)},
+            "lr_interval": self.lr_interval,
             "data": dict(trainer.datamodule.hparams) if trainer.datamodule is not None else {},
+            # Steps in a train batch, which val_check_interval (counted in batches) depends on.
+            "item_steps": getattr(trainer.datamodule, "steps_per_batch", None),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -362,20 +376,22 @@ def _round_down(value: float) -> float:
     return math.floor(value / 10**exponent) * 10**exponent
 
 
-def _class_path(obj: object) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+def class_path(cls: type) -> str:
+    """Where a class is defined (torch.optim.sgd.SGD), as checkpoints record it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A number, or a tuple or list of numbers (Adam's betas): an optimizer argument a resume can change."""
     return (isinstance(value, numbers.Real) and not isinstance(value, bool)) or (
-        isinstance(value, tuple) and all(_is_number(v) for v in value)
+        isinstance(value, tuple | list) and all(is_number(v) for v in value)
     )
 
 
-def _is_plain(value: Any) -> bool:
-    """Data a weights-only checkpoint can hold."""
+def is_plain(value: Any) -> bool:
+    """A value that reads as itself (no tensors, functions or objects): data a weights-only checkpoint holds."""
     return (
         value is None
         or isinstance(value, (bool, int, float, str))
-        or (isinstance(value, tuple) and all(_is_plain(v) for v in value))
+        or (isinstance(value, tuple) and all(is_plain(v) for v in value))
     )

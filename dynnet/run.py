@@ -11,6 +11,7 @@ import fcntl
 import os
 import re
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 
-from dynnet.checkpoint import write_atomically
+from dynnet.checkpoint import CheckpointError, write_atomically
 from dynnet.module import Interrupted
 
 RUNS = "lightning_logs"  # Lightning's own folder name for runs, so `tensorboard --logdir <root>` finds them
@@ -153,6 +154,10 @@ class Run(Checkpoint):
         path = trainer.strategy.broadcast(str(self.path) if self.path else None)
         self.path = Path(path) if path else None
         self.other_checkpoints = any(isinstance(c, Checkpoint) and c is not self for c in trainer.callbacks)
+        self.start_step, self.start_time, self.seconds = 0, time.perf_counter(), 0.0
+        # From here a signal stops the fit at the next step boundary, or before the first; Lightning installs a
+        # handler of its own before training (which calls this one too), and on_train_start takes over again.
+        self._handle_signals(pl_module)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         self.resumed_at = checkpoint["global_step"]
@@ -161,6 +166,7 @@ class Run(Checkpoint):
         old = checkpoint.get("callbacks", {}).get(self.state_key, {}).get("path")
         if old and self.path and old != str(self.path):
             checkpoint["callbacks"] = _rebase(checkpoint["callbacks"], old, str(self.path))
+        _check_callback_files(trainer.ckpt_path, checkpoint["callbacks"], self.state_key)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -169,9 +175,11 @@ class Run(Checkpoint):
         if self.resumed_at is not None:
             print(f"Resumed from {trainer.ckpt_path} at step {self.resumed_at}", flush=True)
 
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._handle_signals(pl_module)
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self.handlers[signum] = signal.signal(signum, lambda signum, frame: _request_stop(pl_module, signum))
+        self._handle_signals(pl_module)
         self.start_step, self.start_time = trainer.global_step, time.perf_counter()
         if not trainer.is_global_zero or self.path is None:
             return
@@ -209,9 +217,8 @@ class Run(Checkpoint):
             self.save(trainer, again=True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._restore_handlers()
         log_final_evaluation(trainer, pl_module)
-        self.save(trainer, again=self.other_checkpoints)
+        self.save(trainer, again=True)  # callbacks may change the model at the end (StochasticWeightAveraging)
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.start_time
@@ -223,16 +230,14 @@ class Run(Checkpoint):
             steps, seconds = trainer.global_step - self.start_step, self.seconds
             print(f"Trained {steps} steps in {seconds:.3f} s ({steps / max(seconds, 1e-9):.0f} steps/s)")
             print(f"Result: {pl_module.model.formula()}")
-            print(f"Logs: {log_dir if trainer.loggers else self.path}", flush=True)
+            if trainer.loggers or self.path:
+                print(f"Logs: {log_dir if trainer.loggers else self.path}")
+            sys.stdout.flush()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._restore_handlers()
         if isinstance(exception, Interrupted):
             log_final_evaluation(trainer, pl_module)
             self.save(trainer)
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._restore_handlers()
 
     def save(self, trainer: Trainer, again: bool = False) -> None:
         """Save last.ckpt, unless it already holds this step and ``again`` is False."""
@@ -244,10 +249,16 @@ class Run(Checkpoint):
         if not trainer.fast_dev_run:
             trainer.save_checkpoint(path, weights_only=False)  # every process calls it; rank 0 writes
 
-    def _restore_handlers(self) -> None:
+    def _handle_signals(self, pl_module: LightningModule) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.signal(signum, lambda signum, frame: _request_stop(pl_module, signum))
+            self.handlers.setdefault(signum, previous)  # what was there before the fit
+
+    def restore_signal_handlers(self) -> None:
+        """Put back the handlers the process had before the fit; `dynnet` calls it when the command ends, after
+        Lightning's teardown (which reinstates the handlers it found when it started training)."""
         for signum, handler in self.handlers.items():
             signal.signal(signum, handler)
-        self.handlers = {}
 
 
 def log_final_evaluation(trainer: Trainer, pl_module: LightningModule) -> None:
@@ -264,6 +275,25 @@ def log_final_evaluation(trainer: Trainer, pl_module: LightningModule) -> None:
 
 def _request_stop(pl_module: LightningModule, signum: int) -> None:
     pl_module.stop_signal = signum
+
+
+def _check_callback_files(checkpoint: str, states: dict, own: str) -> None:
+    """Refuse callback states that name files a callback could later delete outside its own folder: a crafted
+    checkpoint must not turn a new best checkpoint into the removal of an arbitrary file."""
+    best = states.get(own, {}).get("best")
+    if best is not None and not re.fullmatch(r"best-step=\d+\.ckpt", str(best)):
+        raise CheckpointError(f"checkpoint {checkpoint} was refused: its run state names {best!r} as its best file")
+    for key, state in states.items():
+        if not isinstance(state, dict) or "dirpath" not in state:
+            continue
+        folder = Path(str(state["dirpath"]))
+        named = [state.get(k) for k in ("best_model_path", "kth_best_model_path", "last_model_path")]
+        for path in [*named, *state.get("best_k_models", {})]:
+            if path and Path(str(path)).parent != folder:
+                raise CheckpointError(
+                    f"checkpoint {checkpoint} was refused: {key.split('{')[0]} state names {path}, outside its "
+                    f"folder {folder}"
+                )
 
 
 def _rebase(value, old: str, new: str):

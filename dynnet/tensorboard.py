@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-from dynnet.module import Interrupted
+from dynnet.module import Interrupted, is_plain
 
 # The metrics the HPARAMS tab shows beside the settings: TensorBoard reads their last logged values from the
 # run's own scalars, so they are final once the run has ended.
@@ -264,7 +264,7 @@ def run_hparams(trainer: Trainer, pl_module: LightningModule) -> dict[str, float
     settings["optimizer"] = type(optimizer).__name__
     settings |= {f"optimizer.{k}": v for k, v in optimizer.defaults.items()}
     settings |= _scheduler_settings(trainer)
-    return {k: _shown(v) for k, v in settings.items() if _is_plain(v)}
+    return {k: _shown(v) for k, v in settings.items() if is_plain(v)}
 
 
 def _scheduler_settings(trainer: Trainer) -> dict[str, Any]:
@@ -284,15 +284,6 @@ def _shown(value: Any) -> float | str:
     if isinstance(value, float) and math.isfinite(value):
         return value
     return str(value)  # text for TensorBoard; also a non-finite float, which its JSON cannot carry
-
-
-def _is_plain(value: Any) -> bool:
-    """A value that reads as itself: no tensors, functions or objects."""
-    return (
-        value is None
-        or isinstance(value, (bool, int, float, str))
-        or (isinstance(value, tuple) and all(_is_plain(v) for v in value))
-    )
 
 
 def _numpy(values: Tensor) -> np.ndarray:

@@ -1,3 +1,4 @@
+import os
 import re
 import socket
 import subprocess
@@ -5,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from lightning.pytorch import Callback
 
 from dynnet.cli import main
 
@@ -87,3 +89,17 @@ def error_of(args: list[str], capsys) -> str:
     assert exit_info.value.code not in (0, None)
     message = exit_info.value.code if isinstance(exit_info.value.code, str) else capsys.readouterr().err
     return message.strip()
+
+
+class SignalAt(Callback):
+    """Sends this process a signal at a hook, at a step: a signal that arrives at that moment of a fit.
+    (`--trainer.callbacks+=conftest.SignalAt --trainer.callbacks.hook on_fit_start`)"""
+
+    def __init__(self, hook: str = "on_before_optimizer_step", step: int = 0, signum: int = 15) -> None:
+        self.hook, self.step, self.signum, self.sent = hook, step, signum, False
+        setattr(self, hook, self._send)
+
+    def _send(self, trainer, *args) -> None:
+        if not self.sent and trainer.global_step == self.step:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

@@ -37,12 +37,34 @@ def fit_error(tmp_path, capsys, *args: str) -> str:
         (["--run", "a/b"], "--run must be a plain folder name, got 'a/b'"),
         (["--ckpt_path", "hpc"], "--ckpt_path hpc is not supported by dynnet: use last, best or a path"),
         (["--trainer.val_check_interval", "500"], "--trainer.val_check_interval 500 is longer than an epoch"),
+        (["--trainer.log_every_n_steps", "-1"], "--trainer.log_every_n_steps must be 0 (no logging) or more"),
+        (["--predictions.path", "out/"], None),
     ],
 )
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a GPU on a machine without one")
 def test_bad_settings_get_one_line(tmp_path, capsys, args, message):
-    assert message in fit_error(tmp_path, capsys, *args, "--data.steps_per_epoch", "100")
-    assert not (tmp_path / "lightning_logs").exists()
+    if message is None:  # a predict option: checked by predict
+        error = error_of(["predict", *args, "--trainer.default_root_dir", str(tmp_path / "root")], capsys)
+        assert error == "dynnet: error: output out/ is a directory; give a file name"
+        return
+    root = tmp_path / "new" / "root"
+    error = error_of(["fit", *args, "--data.steps_per_epoch", "100", "--trainer.default_root_dir", str(root)], capsys)
+    assert message in error and "\n" not in error
+    assert not (tmp_path / "new").exists()  # nothing left behind, not even the folders it would have made
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--trainer.max_steps", "0"],
+        ["--trainer.max_steps", "-1", "--trainer.max_epochs", "0"],
+        ["--trainer.max_time", "00:00:00:00"],
+    ],  # fmt: skip
+    ids=["max_steps-0", "max_epochs-0", "max_time-0"],
+)
+def test_a_fit_with_nothing_to_train_ends_cleanly(tmp_path, capsys, args):
+    main(["fit", *TINY, *args, "--trainer.default_root_dir", str(tmp_path)])
+    assert "Trained 0 steps" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -227,12 +227,13 @@ def test_fast_dev_run_trains_one_step_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "lightning_logs").exists()
 
 
-def test_min_steps_outlasts_early_stopping(tmp_path):
+@pytest.mark.parametrize("min_steps", [300, 250])
+def test_min_steps_outlasts_early_stopping(tmp_path, min_steps):
     stop = callback('{"class_path": "EarlyStopping", "init_args": {"monitor": "val/expected_loss", "patience": 0, '
                     '"min_delta": 1e9}}')  # fmt: skip
-    cli = fit(tmp_path, *stop, "--trainer.max_steps", "500", "--trainer.min_steps", "300")
-    assert cli.trainer.global_step == 300
-    assert load_checkpoint(last(tmp_path))["global_step"] == 300
+    cli = fit(tmp_path, *stop, "--trainer.max_steps", "500", "--trainer.min_steps", str(min_steps))
+    assert cli.trainer.global_step == min_steps  # a batch ends there, whatever steps_per_batch
+    assert load_checkpoint(last(tmp_path))["global_step"] == min_steps
 
 
 def test_early_stopping_stops_after_patience_validations(tmp_path):
@@ -305,6 +306,20 @@ def test_logger_off_writes_no_events(tmp_path):
             callback('{"class_path": "ModelCheckpoint", "init_args": {"train_time_interval": "0:00:01"}}'),
             "use every_n_train_steps",
         ),
+        (
+            callback('{"class_path": "ThroughputMonitor", "init_args": {"batch_size_fn": "builtins.len"}}'),
+            "ThroughputMonitor counts Lightning's train batches",
+        ),
+        (
+            callback('{"class_path": "OnExceptionCheckpoint", "init_args": {"dirpath": "."}}'),
+            "drop OnExceptionCheckpoint",
+        ),
+        (
+            callback('{"class_path": "GradientAccumulationScheduler", "init_args": {"scheduling": {"0": 2}}}'),
+            "GradientAccumulationScheduler is not supported",
+        ),
+        (callback('{"class_path": "EarlyStopping", "init_args": {"monitor": "nope"}}'), "monitors 'nope'"),
+        (["--trainer.strategy", "ddp_spawn", "--trainer.devices", "2"], "ddp_spawn is not supported"),
     ],
     ids=[
         "limit_train_batches",
@@ -315,7 +330,12 @@ def test_logger_off_writes_no_events(tmp_path):
         "lr-finder",
         "save_last",
         "train_time_interval",
-    ],  # fmt: skip
+        "throughput",
+        "on-exception",
+        "accumulation-scheduler",
+        "monitor-typo",
+        "ddp_spawn",
+    ],
 )
 def test_refused_with_one_line(tmp_path, capsys, flags, refused):
     assert refused in refusal(tmp_path, capsys, *flags)
@@ -410,3 +430,15 @@ def test_a_resumed_csv_log_keeps_its_history(tmp_path):
     later = list(csv.DictReader((run_dir(tmp_path) / "metrics.csv").open()))
     assert [int(r["step"]) for r in earlier if r.get("train/loss")] == list(range(20, 201, 20))
     assert [int(r["step"]) for r in later if r.get("train/loss")] == list(range(220, 301, 20))
+
+
+def test_a_single_callback_and_plugin_in_a_config(tmp_path):
+    config = tmp_path / "one.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    class_path: ModelCheckpoint\n    init_args: {every_n_train_steps: 50, "
+        "save_top_k: -1, filename: '{step}'}\n  plugins: lightning.pytorch.plugins.environments.LightningEnvironment\n"
+    )
+    fit(tmp_path, "-c", str(config))
+    assert sorted(p.name for p in (run_dir(tmp_path) / "checkpoints").glob("step=*")) == [
+        "step=100.ckpt", "step=150.ckpt", "step=200.ckpt", "step=50.ckpt"
+    ]  # fmt: skip

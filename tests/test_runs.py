@@ -2,6 +2,7 @@
 what it reads. Kills, signals and concurrent writers are real processes."""
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -370,8 +371,29 @@ def trained(tmp_path_factory) -> Path:
             lambda tmp, trained: crafted(tmp, trained, "hparams.ckpt", lambda c: c.update(hyper_parameters=None)),
             "its hyper_parameters lack the integer min_degree and max_degree",
         ),  # fmt: skip
+        (
+            lambda tmp, trained: crafted(tmp, trained, "step.ckpt", lambda c: c.pop("global_step")),
+            "it has no step count",
+        ),  # fmt: skip
+        (
+            lambda tmp, trained: crafted(tmp, trained, "data.ckpt", lambda c: c["run_settings"].update(data=[1])),
+            "run_settings should map",
+        ),  # fmt: skip
+        (
+            lambda tmp, trained: crafted(tmp, trained, "rng.ckpt", lambda c: c.update(degree_generator=(3, 4))),
+            "degree_generator is not a random generator's state",
+        ),  # fmt: skip
     ],
-    ids=["deflate-bomb", "huge-degree", "no-degree-counts", "wrong-shape", "no-hparams"],
+    ids=[
+        "deflate-bomb",
+        "huge-degree",
+        "no-degree-counts",
+        "wrong-shape",
+        "no-hparams",
+        "no-step",
+        "bad-data",
+        "bad-generator",
+    ],  # fmt: skip
 )
 def test_crafted_checkpoints_are_refused_everywhere(tmp_path, capsys, trained, make, reason):
     path = make(tmp_path, trained)
@@ -401,3 +423,99 @@ def test_a_deflated_checkpoint_is_refused_before_it_is_unpacked(tmp_path):
 def test_written_checkpoints_are_readable_by_plain_torch(trained):
     assert torch.load(io.BytesIO(trained.read_bytes()), weights_only=True)["global_step"] == 200
     assert os.stat(trained).st_mode & 0o044  # readable like any file the user creates, not owner-only
+
+
+# ------------------------------------------------------------------------------------------------ found in review
+
+
+def signal_at(hook: str, step: int, signum: int = signal.SIGTERM) -> list[str]:
+    return ["--trainer.callbacks+=conftest.SignalAt", f"--trainer.callbacks.hook={hook}",
+            f"--trainer.callbacks.step={step}", f"--trainer.callbacks.signum={int(signum)}"]  # fmt: skip
+
+
+@pytest.mark.parametrize("hook, signum", [("on_fit_start", signal.SIGTERM), ("on_sanity_check_start", signal.SIGINT)])
+def test_a_signal_before_training_stops_and_says_so(tmp_path, capsys, hook, signum):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "-c", DEFAULT, *TINY, *signal_at(hook, 0, signum), "--trainer.default_root_dir", str(tmp_path)])
+    assert stop.value.code == 128 + signum
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"stopped by {signum.name}")
+    assert load_checkpoint(last(tmp_path))["global_step"] == 0
+
+
+def test_a_signal_at_an_epochs_last_step_resumes_exactly(tmp_path, capsys):
+    # An epoch-interval schedule steps at the epoch's end, which the interrupted run must not skip.
+    schedule = ["--optimizer", "torch.optim.Adam", "--optimizer.lr", "0.05", "--lr_scheduler", "StepLR",
+                "--lr_scheduler.step_size", "1", "--lr_scheduler.gamma", "0.5", "--lr_interval", "epoch",
+                "--trainer.max_steps", "400"]  # fmt: skip
+    main(["fit", "-c", DEFAULT, *TINY, *schedule, "--trainer.default_root_dir", str(tmp_path / "whole")])
+    whole = result(capsys.readouterr().out)
+    stopped = ["fit", "-c", DEFAULT, *TINY, *schedule, "--trainer.default_root_dir", str(tmp_path / "stopped")]
+    with pytest.raises(SystemExit):
+        main([*stopped, *signal_at("on_before_optimizer_step", 199)])
+    assert load_checkpoint(last(tmp_path / "stopped"))["global_step"] == 200  # the step, then the epoch's end
+    capsys.readouterr()
+    main([*stopped, "--ckpt_path", "last"])
+    assert result(capsys.readouterr().out) == whole
+
+
+@pytest.mark.parametrize(
+    "trained, resumed, refused",
+    [
+        (
+            ["--lr_scheduler", "CosineAnnealingLR", "--lr_scheduler.T_max", "400"],
+            ["--lr_interval", "epoch"],
+            "a changed lr_interval: it is epoch",
+        ),  # fmt: skip
+        (
+            ["--lr_scheduler", "OneCycleLR", "--lr_scheduler.total_steps", "400", "--lr_scheduler.max_lr", "1e-8"],
+            ["--lr_scheduler.max_lr", "5e-8"],
+            "a changed lr_scheduler.max_lr: it is 5e-08",
+        ),  # fmt: skip
+        ([], ["--optimizer.nesterov", "true"], "a changed optimizer.nesterov: it is True"),
+        (
+            ["--trainer.val_check_interval", "30"],
+            ["--trainer.val_check_interval", "30", "--data.steps_per_batch", "5"],
+            "cannot resume with batches of 5 steps (the run's were 10)",
+        ),  # fmt: skip
+    ],
+    ids=["lr_interval", "scheduler-argument", "non-numeric-optimizer-argument", "batches-under-val_check_interval"],
+)
+def test_more_changes_that_cannot_apply_are_refused_before_anything_is_written(tmp_path, capsys, trained, resumed,
+                                                                               refused):  # fmt: skip
+    fit(tmp_path, *trained)
+    before = sorted(p.name for p in run_dir(tmp_path).rglob("*"))
+    args = ["fit", "-c", DEFAULT, *TINY, *trained, *resumed, "--trainer.max_steps", "400", "--ckpt_path", "last"]
+    assert refused in error_of([*args, "--trainer.default_root_dir", str(tmp_path)], capsys)
+    assert sorted(p.name for p in run_dir(tmp_path).rglob("*")) == before
+
+
+def test_a_crafted_best_file_cannot_delete_outside_the_run(tmp_path, capsys):
+    fit(tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    checkpoint = torch.load(last(tmp_path), weights_only=True)
+    checkpoint["callbacks"]["Run"]["best"] = str(victim)
+    torch.save(checkpoint, last(tmp_path))
+    error = error_of(["fit", "-c", DEFAULT, *TINY, "--trainer.max_steps", "400", "--ckpt_path", "last",
+                      "--trainer.default_root_dir", str(tmp_path)], capsys)  # fmt: skip
+    assert f"its run state names '{victim}' as its best file" in error
+    assert victim.read_text() == "keep me"
+
+
+def test_last_holds_what_a_callback_changes_at_the_end(tmp_path, capsys):
+    spec = '{"class_path": "StochasticWeightAveraging", "init_args": {"swa_lrs": 1e-9, "swa_epoch_start": 1}}'
+    main(["fit", "-c", DEFAULT, *TINY, "--trainer.callbacks+", spec, "--trainer.default_root_dir", str(tmp_path)])
+    assert parameters(last(tmp_path)) == result(capsys.readouterr().out)
+
+
+def test_a_float64_run_exports_float64(tmp_path, capsys):
+    main(["fit", "-c", DEFAULT, *TINY, "--trainer.precision", "64-true", "--trainer.default_root_dir", str(tmp_path)])
+    printed = result(capsys.readouterr().out)
+    export_main([str(last(tmp_path)), "-o", str(tmp_path / "p.json")])
+    assert list(json.loads((tmp_path / "p.json").read_text())["coefficients"].values()) == printed
+
+
+def test_a_cpu_16_mixed_run_resumes_with_its_own_command(tmp_path):
+    fit(tmp_path, "--trainer.precision", "16-mixed")
+    assert fit(tmp_path, "--trainer.precision", "16-mixed", "--trainer.max_steps", "300", "--ckpt_path",
+               "last").trainer.global_step == 300  # fmt: skip
