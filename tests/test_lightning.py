@@ -223,7 +223,7 @@ def test_limit_val_batches_zero_turns_validation_off(tmp_path):
 def test_fast_dev_run_trains_one_step_and_writes_nothing(tmp_path, capsys):
     cli = fit(tmp_path, "--trainer.fast_dev_run", "true")
     assert cli.trainer.global_step == 1
-    assert "Trained 1 steps" in capsys.readouterr().out
+    assert "Trained 1 step in " in capsys.readouterr().out
     assert not (tmp_path / "lightning_logs").exists()
 
 
