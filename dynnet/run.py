@@ -228,9 +228,8 @@ class Run(Checkpoint):
         log_dir = trainer.log_dir  # a collective under DDP: every process must ask
         if trainer.is_global_zero:
             steps, seconds = trainer.global_step - self.start_step, self.seconds
-            print(
-                f"Trained {steps} step{'' if steps == 1 else 's'} in {seconds:.3f} s ({steps / max(seconds, 1e-9):.0f} steps/s)"
-            )
+            rate = steps / max(seconds, 1e-9)
+            print(f"Trained {steps} step{'' if steps == 1 else 's'} in {seconds:.3f} s ({rate:.0f} steps/s)")
             print(f"Result: {pl_module.model.formula()}")
             if trainer.loggers or self.path:
                 print(f"Logs: {log_dir if trainer.loggers else self.path}")
