@@ -122,7 +122,7 @@ class DynamicNet(LightningModule):
                     self.manual_backward(loss)
                     if distributed:
                         stop = _sum_gradients(params, self.stop_signal)
-                    evaluations.append(loss)
+                    evaluations.append(loss.detach())
                     return loss
 
                 optimizer.step(closure=closure)
