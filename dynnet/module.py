@@ -136,8 +136,8 @@ class DynamicNet(LightningModule):
                     stop = self.stop_signal
                 if stop is not None:
                     break
-        self._check_finite(torch.stack(losses).detach(), first, x, y)
-        self.last_loss = losses[-1].detach()
+        self._check_finite(torch.stack(losses), first, x, y)
+        self.last_loss = losses[-1]
         now = time.monotonic()
         if self.trainer.progress_bar_callback is not None and now - self.shown_at > 0.25:
             # For Lightning's progress bars, which redraw a few times a second at most.
