@@ -158,7 +158,7 @@ class DynamicNet(LightningModule):
         stop = self.stop_signal
         if self.trainer.world_size > 1:  # a signal that came between steps reached only some processes
             flag = torch.tensor(float(stop or 0), device=self.device)
-            stop = (stop or signal.SIGTERM) if self.trainer.strategy.reduce(flag, reduce_op="sum") > 0 else None
+            stop = _agreed_stop(stop, self.trainer.strategy.reduce(flag, reduce_op="sum"))
         if stop is not None:
             raise Interrupted(stop, self.global_step)
 
@@ -361,9 +361,13 @@ def _sum_gradients(params: list[Tensor], stop_signal: int | None) -> int | None:
     torch.distributed.all_reduce(flat)
     for grad, total in zip(grads, flat):
         grad.copy_(total)
-    if flat[-1].item() == 0:
-        return None
-    return stop_signal or signal.SIGTERM  # a process that got no signal itself stops as if terminated
+    return _agreed_stop(stop_signal, flat[-1])
+
+
+def _agreed_stop(own: int | None, received: Tensor) -> int | None:
+    """The signal to stop with, given the sum of the signal numbers all processes received (0: none did). A
+    process that got no signal itself stops as if terminated."""
+    return (own or signal.SIGTERM) if received.item() > 0 else None
 
 
 def _plateau(config) -> bool:
