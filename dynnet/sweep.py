@@ -19,7 +19,6 @@ the sweep's root.
 import argparse
 import contextlib
 import csv
-import importlib
 import inspect
 import io
 import math
@@ -49,6 +48,7 @@ from matplotlib.lines import Line2D
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
+from dynnet.checks import import_class
 from dynnet.cli import USER_ERRORS, DynnetCLI, one_line
 from dynnet.module import Interrupted
 from dynnet.run import runs_dir
@@ -236,10 +236,9 @@ def _check_argument(name: str, class_path: str, where: str) -> None:
 def _import_optimizer(class_path: str) -> type:
     import torch
 
-    module, _, name = class_path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module), name) if module else None
-    except (ImportError, AttributeError):
+        cls = import_class(class_path)
+    except (ImportError, AttributeError, ValueError):  # ValueError: a name without a module
         cls = None
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise SweepError(f"{class_path!r} is not an optimizer class (such as torch.optim.Adam)")
