@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from jsonargparse import ArgumentError, Namespace
+from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import (
     ModelCheckpoint,
@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.cli import ArgsType, LightningCLI, LRSchedulerTypeTuple
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.profilers import PassThroughProfiler
-from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim import Optimizer
 
 from dynnet.callbacks import StepProgressBar
@@ -47,7 +47,8 @@ from dynnet.checks import (
     validation_steps,
 )
 from dynnet.data import SineData
-from dynnet.module import DivergenceError, DynamicNet, Interrupted
+from dynnet.errors import USER_ERRORS, Interrupted, one_line
+from dynnet.module import DynamicNet
 from dynnet.predictions import PredictionCSV, check_output_path
 from dynnet.run import (
     Run,
@@ -97,9 +98,6 @@ def _ignore_warnings(fit: bool) -> None:
     for message in messages:
         warnings.filterwarnings("ignore", message=message)
 
-
-# Errors that a user's input, files or a run's numbers cause: shown as one line unless DYNNET_DEBUG is set.
-USER_ERRORS = (ValueError, ArgumentError, OSError, DivergenceError, MisconfigurationException)
 
 # The tutorial's optimizer, used when a config names none.
 TUTORIAL_OPTIMIZER = {"class_path": "torch.optim.SGD", "init_args": {"lr": 1e-8, "momentum": 0.9}}
@@ -437,13 +435,6 @@ def main(args: ArgsType = None) -> None:
 def _end_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def one_line(err: BaseException) -> str:
-    """An error as one line: an OSError names its file; other messages lose their line breaks."""
-    if isinstance(err, OSError) and err.filename is not None and err.strerror:
-        return f"{err.filename}: {err.strerror}"
-    return " ".join(str(err).split())
 
 
 # -------------------------------------------------------------------------------------------------- checks

@@ -14,19 +14,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from dynnet.checkpoint import load_checkpoint
+from dynnet.errors import DivergenceError, Interrupted
 from dynnet.model import DynamicPolynomial, ExpectedLoss, polynomial
-
-
-class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss or parameter."""
-
-
-class Interrupted(Exception):
-    """Training stopped at a step boundary because the process was sent SIGTERM or SIGINT."""
-
-    def __init__(self, signum: int, step: int) -> None:
-        self.signum, self.step = signum, step
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
 
 
 class DynamicNet(LightningModule):

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from dynnet.checkpoint import CheckpointError, write_atomically
+from dynnet.errors import one_line
 from dynnet.module import DynamicNet
 
 
@@ -92,7 +93,5 @@ def export_main(args: list[str] | None = None) -> None:
         output.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(output, lambda file: file.write((json.dumps(polynomial, indent=2) + "\n").encode()))
     except (CheckpointError, ValueError, OSError) as err:
-        from dynnet.cli import one_line  # cli imports this module
-
         sys.exit(f"dynnet-export: error: {one_line(err)}")
     print(f"Wrote {output}")

@@ -20,7 +20,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 
 from dynnet.checkpoint import CheckpointError, write_atomically
-from dynnet.module import Interrupted
+from dynnet.errors import Interrupted
 
 RUNS = "lightning_logs"  # Lightning's own folder name for runs, so `tensorboard --logdir <root>` finds them
 LOCK = "run.lock"

@@ -49,8 +49,8 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from dynnet.checks import import_class
-from dynnet.cli import USER_ERRORS, DynnetCLI, one_line
-from dynnet.module import Interrupted
+from dynnet.cli import DynnetCLI
+from dynnet.errors import USER_ERRORS, Interrupted, one_line
 from dynnet.run import runs_dir
 
 PROG = "dynnet-sweep"

@@ -22,7 +22,8 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-from dynnet.module import Interrupted, is_plain
+from dynnet.errors import Interrupted
+from dynnet.module import is_plain
 
 # The metrics the HPARAMS tab shows beside the settings: TensorBoard reads their last logged values from the
 # run's own scalars, so they are final once the run has ended.

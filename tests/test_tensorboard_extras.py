@@ -16,7 +16,7 @@ from tensorboard.plugins.custom_scalar import metadata as layout_metadata
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from dynnet.cli import DynnetCLI
-from dynnet.module import Interrupted
+from dynnet.errors import Interrupted
 from dynnet.tensorboard import LINKED_METRICS, FitPicture, round_scale
 
 DEFAULT = ["-c", str(ROOT / "configs" / "default.yaml")]

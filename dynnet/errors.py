@@ -1,0 +1,36 @@
+"""How dynnet stops: the errors its commands report as one line, and the stop a signal asks for."""
+
+import signal
+
+from jsonargparse import ArgumentError
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+# A message longer than this is cut: a value pasted into a config (a 45 MB callback list) must not become a
+# "one-line" error of megabytes.
+MAX_LINE = 400
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or parameter."""
+
+
+class Interrupted(Exception):
+    """Training stopped at a step boundary because the process was sent a stop signal (SIGTERM, SIGINT, SIGHUP)."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        self.signum, self.step = signum, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+
+
+# Errors that a user's input, files or a run's numbers cause: shown as one line unless DYNNET_DEBUG is set.
+USER_ERRORS = (ValueError, ArgumentError, OSError, DivergenceError, MisconfigurationException)
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line of at most MAX_LINE characters: an OSError names its file; other messages lose their
+    line breaks."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.filename}: {err.strerror}"
+    else:
+        text = " ".join(str(err).split())
+    return text if len(text) <= MAX_LINE else f"{text[: MAX_LINE - 30]} ... ({len(text)} characters in all)"
