@@ -1,8 +1,9 @@
 """The ``dynnet`` command: LightningCLI over DynamicNet and SineData, with the project's run defaults.
 
-Between parsing and training it does what makes a run trustworthy: it gives the optimizer the chosen class's own
-defaults, refuses settings that cannot mean in dynnet what they mean in Lightning, moves batch-counted settings
-onto optimizer steps, checks a checkpoint before resuming from it, and creates or enters the run folder.
+It parses, and keeps runs: it gives the optimizer the chosen class's own defaults, refuses what cannot work on
+this machine or in a run folder, checks a checkpoint before resuming from it, creates or enters the run folder,
+and gives the Trainer dynnet's defaults (progress display, best and last checkpoints, TensorBoard), each replaced
+by the user's own. What a fit means in optimizer steps, and what it refuses, lives in DynamicNet and SineData.
 """
 
 import contextlib
@@ -10,7 +11,6 @@ import enum
 import inspect
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -37,18 +37,16 @@ from torch.optim import Optimizer
 from dynnet.callbacks import StepProgressBar
 from dynnet.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
 from dynnet.checks import (
-    check_numbers,
     check_optimizer,
     check_resumable,
     check_trainer_flags,
     import_class,
     last_step,
-    refuse_callbacks,
-    validation_steps,
+    refuse_run_callbacks,
 )
 from dynnet.data import SineData
 from dynnet.errors import USER_ERRORS, Interrupted, one_line
-from dynnet.module import DynamicNet
+from dynnet.module import DynamicNet, check_plateau, is_plain
 from dynnet.predictions import PredictionCSV, check_output_path
 from dynnet.run import (
     Run,
@@ -60,6 +58,7 @@ from dynnet.run import (
     run_of,
     runs_dir,
 )
+from dynnet.steps import batch_steps, check_resumed_batches, validation_steps
 from dynnet.tensorboard import TensorBoardExtras
 
 # Lightning's informational lines (accelerator availability, advertising, "fit stopped", restore notices) would
@@ -81,6 +80,8 @@ def _ignore_warnings(fit: bool) -> None:
         "LightningCLI's args parameter is intended to run from within Python",
         # Lightning's use of a deprecated torch API; nothing a dynnet user can act on.
         ".*isinstance\\(treespec, LeafSpec\\)",
+        # DynamicNet's own configure_optimizers, the tutorial's SGD, is meant to give way to the config's optimizer.
+        "`DynamicNet.configure_optimizers` will be overridden by",
         # ModelCheckpoint(every_n_train_steps) under manual optimization warns that it saves the state after the
         # step: that is what dynnet means by step N.
         "Using ModelCheckpoint with manual optimization and every_n_train_steps",
@@ -176,10 +177,13 @@ class DynnetCLI(LightningCLI):
             if action.dest == "trainer.max_steps":
                 action.help = "Stop after this many optimizer steps; -1 for no limit (default: 30000, the tutorial's)."
 
-    @staticmethod
-    def configure_optimizers(lightning_module: LightningModule, optimizer: Optimizer, lr_scheduler: Any = None) -> Any:
+    def configure_optimizers(
+        self, lightning_module: LightningModule, optimizer: Optimizer, lr_scheduler: Any = None
+    ) -> Any:
         trainer = lightning_module.trainer
-        interval = getattr(lightning_module, "lr_interval", "step")
+        interval = self.config[self.subcommand].lr_interval
+        if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            check_plateau(lr_scheduler)  # here, before the fit writes anything
         if trainer.is_global_zero and trainer.state.fn == "fit":
             schedule = f"{_describe(lr_scheduler)} every {interval}" if lr_scheduler is not None else "none"
             if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -222,6 +226,11 @@ class DynnetCLI(LightningCLI):
         trainer = config.trainer
         check_trainer_flags(trainer)
         check_optimizer(config.optimizer)
+        if trainer.gradient_clip_val is not None:
+            # Lightning's Trainer clips only under automatic optimization; DynamicNet clips in its step loop.
+            config.model.gradient_clip_val = trainer.gradient_clip_val
+            config.model.gradient_clip_algorithm = trainer.gradient_clip_algorithm or "norm"
+            trainer.gradient_clip_val = trainer.gradient_clip_algorithm = None
         if trainer.fast_dev_run and config.ckpt_path and self.subcommand == "fit":
             raise ValueError("--trainer.fast_dev_run checks a fresh run in a few steps; drop --ckpt_path")
         if self.subcommand == "fit" and not trainer.fast_dev_run:
@@ -229,12 +238,9 @@ class DynnetCLI(LightningCLI):
         _ignore_warnings(fit=self.subcommand == "fit")
         if self.subcommand == "predict":
             run = run_of(Path(config.ckpt_path)) if config.ckpt_path else None
-            given = config.predictions.path
-            if given and given.endswith(("/", os.sep)):
-                raise ValueError(f"output {given} is a directory; give a file name")
-            path = Path(given or (run or Path(trainer.default_root_dir)) / "predictions.csv")
-            config.predictions.path = str(path.expanduser())
-            check_output_path(path, inputs=[config.ckpt_path, *(str(c) for c in config.get("config") or [])])
+            given = config.predictions.path or str((run or Path(trainer.default_root_dir)) / "predictions.csv")
+            check_output_path(given, inputs=[config.ckpt_path, *(str(c) for c in config.get("config") or [])])
+            config.predictions.path = str(Path(given).expanduser())
 
     def _resolve_checkpoint(self, config, subcommand: str) -> str:
         """The checkpoint file --ckpt_path means, checked against the configured model (and, for fit, the run)."""
@@ -261,7 +267,12 @@ class DynnetCLI(LightningCLI):
                 )
         if subcommand == "fit":
             check_resumable(path, checkpoint, config)
-            self.resume = {"path": path, "step": checkpoint["global_step"], "settings": checkpoint["run_settings"]}
+            data_state = checkpoint.get(SineData.__qualname__)
+            self.resume = {
+                "path": path,
+                "step": checkpoint["global_step"],
+                "data_state": data_state if isinstance(data_state, dict) else {},
+            }
         return str(path)
 
     def _enter_run(self, config) -> None:
@@ -309,29 +320,10 @@ class DynnetCLI(LightningCLI):
         run = self.run_path
         fast_dev_run = bool(trainer_config.get("fast_dev_run"))
         if fit:
-            check_numbers(config)
-        items = self._item_steps(config, user_callbacks) if fit else None
-        refuse_callbacks(user_callbacks, items)
-
-        # Settings Lightning counts in train batches, given to it in batches of `items` steps, or moved to the
-        # module where Lightning refuses them for this training loop.
-        if fit:
-            self.datamodule.steps_per_batch = items
-            interval = validation_steps(config)
-            if interval is not None:
-                trainer_config["val_check_interval"] = interval // items
-                trained = self.resume["settings"].get("item_steps", items) if self.resume else items
-                if trained != items:
-                    raise ValueError(
-                        f"cannot resume with batches of {items} steps (the run's were {trained}): "
-                        "val_check_interval counts train batches; keep the run's steps_per_batch, log_every_n_steps "
-                        "and checkpoint intervals"
-                    )
+            refuse_run_callbacks(user_callbacks)
+            # Lightning estimates a fit's steps (estimated_stepping_batches) from max_steps alone when its train
+            # loader has no length, as dynnet's has not: give it the step the run stops at.
             trainer_config["max_steps"] = last_step(config)
-        self.model.gradient_clip_val = trainer_config.pop("gradient_clip_val", None)
-        self.model.gradient_clip_algorithm = trainer_config.pop("gradient_clip_algorithm", None)
-        self.model.lr_interval = config.lr_interval
-        self.model.lr_scheduler_args = dict(vars(config.lr_scheduler.init_args)) if config.get("lr_scheduler") else {}
 
         # Defaults the user replaces by giving their own: a progress display, a best checkpoint, TensorBoard.
         barebones = bool(trainer_config.get("barebones"))
@@ -349,11 +341,10 @@ class DynnetCLI(LightningCLI):
             # it honours that setting itself by saving nothing.
             save = trainer_config.get("enable_checkpointing") is not False and not fast_dev_run
             trainer_config["enable_checkpointing"] = True
-            callbacks.append(
-                Run(
-                    run, self._config_yaml(), save, best=not any(isinstance(c, ModelCheckpoint) for c in user_callbacks)
-                )
-            )
+            schedule = vars(config.lr_scheduler.init_args) if config.get("lr_scheduler") else {}
+            best = not any(isinstance(c, ModelCheckpoint) for c in user_callbacks)
+            plain = {k: v for k, v in schedule.items() if is_plain(v)}
+            callbacks.append(Run(run, self._config_yaml(), save, best, lr_scheduler_args=plain))
 
         logger = trainer_config.get("logger")
         if not fit:
@@ -377,6 +368,14 @@ class DynnetCLI(LightningCLI):
             trainer_config["profiler"] = QuietProfiler()
         return self.trainer_class(**(trainer_config | kwargs))
 
+    def before_fit(self) -> None:
+        if self.resume is not None:
+            # Refused here, before Lightning opens the run's logs, rather than when the checkpoint is restored.
+            data, trainer = self.datamodule, self.trainer
+            steps = batch_steps(trainer, data.steps_per_batch, data.steps_per_epoch)
+            trained = self.resume["data_state"].get("batch_steps")
+            check_resumed_batches(trained, steps, validation_steps(trainer, data.steps_per_epoch))
+
     def after_fit(self) -> None:
         if self.trainer.barebones and self.trainer.is_global_zero:  # Run, which prints it otherwise, is off
             print(f"Result: {self.model.model.formula()}", flush=True)
@@ -386,24 +385,6 @@ class DynnetCLI(LightningCLI):
             return None
         config = _writable(self.config[self.subcommand].clone())
         return self._parser(self.subcommand).dump(config, skip_unset=False)
-
-    def _item_steps(self, config, user_callbacks: list[Callback]) -> int:
-        """Steps in one train batch: at most steps_per_batch, and dividing every interval the run acts on, so that
-        a batch ends at each of those steps (Lightning acts on batch ends)."""
-        steps = math.gcd(config.data.steps_per_batch, config.data.steps_per_epoch)
-        if config.trainer.log_every_n_steps:
-            steps = math.gcd(steps, config.trainer.log_every_n_steps)
-        interval = validation_steps(config)
-        if interval:
-            steps = math.gcd(steps, interval)
-        if config.trainer.min_steps:
-            steps = math.gcd(steps, config.trainer.min_steps)
-        for spec, callback in zip(_as_list(config.trainer.callbacks), user_callbacks):
-            if isinstance(callback, ModelCheckpoint):
-                every = (spec.get("init_args") or Namespace()).get("every_n_train_steps")
-                if every:
-                    steps = math.gcd(steps, every)
-        return steps
 
 
 def main(args: ArgsType = None) -> None:

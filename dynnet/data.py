@@ -5,7 +5,10 @@ from collections.abc import Iterator
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+
+from dynnet.steps import batch_steps, check_resumed_batches, counts_batches, validation_steps
 
 # The dtype each true-precision setting trains in; every other setting keeps float32 parameters and data.
 TRAINING_DTYPES = {"64-true": torch.float64, "16-true": torch.float16, "bf16-true": torch.bfloat16}
@@ -71,9 +74,10 @@ class SineData(LightningDataModule):
             high: Right end of the interval (included).
             steps_per_epoch: Optimizer steps in one epoch; validation and checkpoints come once per epoch.
                 2000 matches the tutorial's report interval.
-            steps_per_batch: Optimizer steps taken on each item of the train loader, at most. Lightning's
-                per-batch work is paid once per item, so larger is faster; `dynnet fit` shortens items so that
-                one ends at every step the run acts on (logging, validation, checkpoints).
+            steps_per_batch: Optimizer steps in each train batch, at most. Lightning's per-batch work is paid
+                once per batch, so larger is faster; a fit shortens batches so that one ends at every step it acts
+                on (logging, validation, checkpoints), and makes them one step long when a callback counts batches
+                (Lightning's progress bars and monitors) or under fast_dev_run.
         """
         super().__init__()
         if n_points < 2:
@@ -87,11 +91,16 @@ class SineData(LightningDataModule):
         self.save_hyperparameters()
         self.n_points, self.low, self.high = n_points, low, high
         self.steps_per_epoch, self.steps_per_batch = steps_per_epoch, steps_per_batch
+        self.batch_steps = steps_per_batch  # the steps of a train batch in this fit: see setup
+        self.validation_interval: int | None = None  # in optimizer steps, when validation comes inside epochs
+        self._given_val_check_interval: int | float | None = None
 
     def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        if stage == "fit" and trainer is not None:
+            self._fit_on_steps(trainer)
         # Built once, straight on the device and in the dtype training runs in, so no step copies or converts it.
         # linspace runs in float32 as in the tutorial, so every precision sees the tutorial's points.
-        trainer = self.trainer
         device = trainer.strategy.root_device if trainer else torch.device("cpu")
         dtype = training_dtype(trainer.precision if trainer else None)
         x = torch.linspace(self.low, self.high, self.n_points, device=device)
@@ -102,8 +111,43 @@ class SineData(LightningDataModule):
         self.train_x = self.x.tensor_split(world)[rank]
         self.train_y = self.y.tensor_split(world)[rank]
 
+    def _fit_on_steps(self, trainer) -> None:
+        """Size the train batches for this fit (see dynnet.steps), and give Lightning a validation interval in
+        optimizer steps as the number of train batches it counts."""
+        self.batch_steps = batch_steps(trainer, self.steps_per_batch, self.steps_per_epoch)
+        if self.batch_steps == 1 and counts_batches(trainer) and self.steps_per_batch > 1:
+            rank_zero_info(
+                f"{', '.join(counts_batches(trainer))} counts train batches: each batch is one optimizer step "
+                "(dynnet.StepProgressBar, or no progress bar, keeps batches of many steps, which run faster)"
+            )
+        self.validation_interval = validation_steps(trainer, self.steps_per_epoch)
+        if self.validation_interval is not None:
+            # Lightning counts an int val_check_interval in train batches and refuses a fraction of an epoch for
+            # a loader without a length. Restored when the fit ends, so the Trainer is the user's again.
+            self._given_val_check_interval = trainer.val_check_interval
+            trainer.val_check_interval = self.validation_interval // self.batch_steps
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self._restore_val_check_interval()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._restore_val_check_interval()
+
+    def _restore_val_check_interval(self) -> None:
+        if self._given_val_check_interval is not None:
+            self.trainer.val_check_interval = self._given_val_check_interval
+            self._given_val_check_interval = None
+
+    def state_dict(self) -> dict:
+        # The batches a run was cut into: Lightning counts a validation interval inside epochs in batches.
+        return {"batch_steps": self.batch_steps, "validation_interval": self.validation_interval}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        check_resumed_batches(state_dict.get("batch_steps"), self.batch_steps, self.validation_interval)
+
     def train_dataloader(self) -> TrainItems:
-        return TrainItems(self.train_x, self.train_y, self.trainer, self.steps_per_epoch, self.steps_per_batch)
+        return TrainItems(self.train_x, self.train_y, self.trainer, self.steps_per_epoch, self.batch_steps)
 
     def val_dataloader(self) -> FullBatch:
         # Every process evaluates all points: it is cheap and gives every rank the same metric.

@@ -21,6 +21,9 @@ class DynamicPolynomial(nn.Module):
 
     def __init__(self, min_degree: int = 3, max_degree: int = 5) -> None:
         super().__init__()
+        for name, value in (("min_degree", min_degree), ("max_degree", max_degree)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
         if not 0 <= min_degree <= MAX_MIN_DEGREE:
             raise ValueError(f"min_degree must be between 0 and {MAX_MIN_DEGREE}, got {min_degree}")
         if max_degree < min_degree:
@@ -55,6 +58,10 @@ class DynamicPolynomial(nn.Module):
         """The polynomial at x for every degree that can be drawn, keyed by degree."""
         powers = self.powers(x)
         return {k: self.evaluate(powers, k) for k in range(self.min_degree, self.max_degree + 1)}
+
+    def expected(self, x: Tensor) -> Tensor:
+        """The mean of the polynomial at x over the degrees that can be drawn, each equally likely."""
+        return torch.stack(list(self.at_each_degree(x).values())).mean(0)
 
     def forward(self, x: Tensor, degree: int | None = None) -> Tensor:
         """The polynomial at x, of the given degree, or of a freshly drawn one when ``degree`` is None."""

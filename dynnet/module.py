@@ -1,11 +1,11 @@
 """The LightningModule that trains a DynamicPolynomial on the full batch, many optimizer steps per batch."""
 
+import inspect
 import math
 import numbers
 import os
 import signal
-import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +14,15 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from dynnet.checkpoint import load_checkpoint
+from dynnet.data import SineData, training_dtype
 from dynnet.errors import DivergenceError, Interrupted
+from dynnet.limits import check_memory, check_numbers, prediction_bytes, training_bytes
 from dynnet.model import DynamicPolynomial, ExpectedLoss, polynomial
+from dynnet.steps import refuse_unsupported, validation_steps
+from dynnet.yaml_files import load_yaml
+
+# The tutorial's optimizer, which a DynamicNet trains with unless something else configures one.
+TUTORIAL_LR, TUTORIAL_MOMENTUM = 1e-8, 0.9
 
 
 class DynamicNet(LightningModule):
@@ -26,34 +33,47 @@ class DynamicNet(LightningModule):
     so Lightning counts it in ``global_step`` and its per-step hooks, gradient clipping and precision plugin apply;
     Lightning's per-batch work is paid once per batch. Schedulers step once per optimizer step (``interval:
     step``), once per epoch (``interval: epoch``), or after each validation (``ReduceLROnPlateau``).
+
+    It trains with the tutorial's SGD unless something configures another optimizer (``dynnet fit`` from its
+    config, or a subclass's ``configure_optimizers``). ``forward(x)`` is the expected prediction.
     """
 
-    def __init__(self, min_degree: int = 3, max_degree: int = 5) -> None:
+    def __init__(
+        self,
+        min_degree: int = 3,
+        max_degree: int = 5,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: Literal["norm", "value"] = "norm",
+    ) -> None:
         """
         Args:
             min_degree: Lowest degree drawn; every power up to it has its own coefficient. The tutorial uses 3.
             max_degree: Highest degree drawn; the powers above min_degree share one coefficient. The tutorial
                 uses 5.
+            gradient_clip_val: Clip the gradient before every optimizer step to this norm (or value); None or 0
+                does not clip. Lightning's Trainer(gradient_clip_val) only applies to automatic optimization;
+                `dynnet fit --trainer.gradient_clip_val` sets this one.
+            gradient_clip_algorithm: "norm" clips the gradients' total norm, "value" each element.
         """
         super().__init__()
+        if gradient_clip_val is not None and not (
+            isinstance(gradient_clip_val, numbers.Real) and math.isfinite(gradient_clip_val) and gradient_clip_val >= 0
+        ):
+            raise ValueError(f"gradient_clip_val must be a finite number of at least 0, got {gradient_clip_val!r}")
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(f"gradient_clip_algorithm must be norm or value, got {gradient_clip_algorithm!r}")
         self.save_hyperparameters()
         self.model = DynamicPolynomial(min_degree, max_degree)
         self.automatic_optimization = False  # the step loop drives the optimizer, through Lightning's public API
-        # Gradient clipping before every optimizer step, as Trainer(gradient_clip_val=...) does in automatic
-        # optimization; `dynnet fit` moves the Trainer's flags here, since the Trainer refuses them for this loop.
-        self.gradient_clip_val: float | None = None
-        self.gradient_clip_algorithm: str | None = None
+        self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm
+        # A small batch to show the model's shapes and to export it: to_onnx() and to_torchscript(method="trace").
+        self.example_input_array = torch.linspace(-math.pi, math.pi, 8)
         # A signal number, set by a signal handler: training stops at the next step boundary and raises Interrupted.
         self.stop_signal: int | None = None
         # How often each degree has been drawn; saved in checkpoints with the generator.
         self.degree_counts = [0] * (max_degree - min_degree + 1)
         self.last_loss: Tensor | None = None
-        self.shown_at = 0.0  # when train/loss was last given to the progress bar
         self.seed: int | None = None
-        # When the scheduler steps, and the arguments it was configured with: set by `dynnet fit`, recorded in
-        # checkpoints so that a resume can tell a changed schedule.
-        self.lr_interval = "step"
-        self.lr_scheduler_args: dict = {}
         self.resumed_from: dict | None = None  # the run settings a loaded checkpoint was trained with
         self.evaluated_step: int | None = None  # the optimizer step of the last evaluation logged
         self._evaluation: tuple[Tensor, ExpectedLoss, Tensor] | None = None
@@ -67,12 +87,50 @@ class DynamicNet(LightningModule):
         else:
             super().__setattr__(name, value)
 
+    def forward(self, x: Tensor) -> Tensor:
+        """The expected prediction at x: the polynomial's mean over the equally likely degrees, the function whose
+        squared error from the targets the expected loss averages. ``self.model(x)`` draws a degree instead."""
+        return self.model.expected(x)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """The tutorial's optimizer: SGD with lr 1e-8 and momentum 0.9. `dynnet fit` replaces it with its config's
+        optimizer and lr_scheduler; in Python, override this method to train with another."""
+        return torch.optim.SGD(self.parameters(), lr=TUTORIAL_LR, momentum=TUTORIAL_MOMENTUM)
+
+    def configure_callbacks(self) -> list:
+        # The first hook of every fit, called before Lightning checks its own settings and before anything is
+        # set up or written: dynnet's refusals come from here, the same one line whoever built the Trainer. It
+        # adds no callbacks: dynnet's defaults are the `dynnet` command's, visible and replaceable.
+        trainer = self.trainer
+        data = trainer.datamodule
+        if trainer.state.fn in (TrainerFn.FITTING, TrainerFn.PREDICTING) and not isinstance(data, SineData):
+            raise ValueError("DynamicNet trains and predicts on SineData's batches: pass datamodule=SineData(...)")
+        dtype = training_dtype(trainer.precision)
+        model = self.model
+        if trainer.state.fn == TrainerFn.FITTING:
+            refuse_unsupported(trainer)
+            validation_steps(trainer, data.steps_per_epoch)  # refuses an interval that cannot be
+            check_numbers(data.n_points, data.low, data.high, model.max_degree, model.min_degree, dtype)
+            need = training_bytes(data.n_points, model.max_degree, dtype, trainer.world_size)
+            check_memory(f"training {data.n_points} points in {dtype}", need, trainer.strategy.root_device)
+        elif trainer.state.fn == TrainerFn.PREDICTING:
+            need = prediction_bytes(data.n_points, model.min_degree, model.max_degree, dtype)
+            check_memory(f"predicting {data.n_points} points", need, trainer.strategy.root_device)
+        return []
+
     def setup(self, stage: str) -> None:
-        # torch.initial_seed() is the run's seed once seed_everything has run; broadcasting rank 0's makes every
-        # process draw the same degree at every step even when the processes were seeded differently.
-        self.seed = self.trainer.strategy.broadcast(torch.initial_seed())
-        self.model.rng.seed(self.seed)
+        if self.seed is None:
+            # torch.initial_seed() is the run's seed once seed_everything has run; broadcasting rank 0's makes
+            # every process draw the same degree at every step even when the processes were seeded differently.
+            # Seeded once: a second fit continues the first one's draws, as one longer fit would.
+            self.seed = self.trainer.strategy.broadcast(torch.initial_seed())
+            self.model.rng.seed(self.seed)
         self._evaluation = None
+
+    def on_fit_start(self) -> None:
+        for config in self.trainer.lr_scheduler_configs:
+            if _plateau(config):
+                check_plateau(config.scheduler)
 
     def on_train_start(self) -> None:
         if self.resumed_from is not None:
@@ -127,11 +185,12 @@ class DynamicNet(LightningModule):
                     break
         self._check_finite(torch.stack(losses), first, x, y)
         self.last_loss = losses[-1]
-        now = time.monotonic()
-        if self.trainer.progress_bar_callback is not None and now - self.shown_at > 0.25:
-            # For Lightning's progress bars, which redraw a few times a second at most.
-            self.log("train/loss", self.last_loss, prog_bar=True, logger=False)
-            self.shown_at = now
+        if not self.trainer.barebones:  # which turns Lightning's logging off
+            # The loss of the batch's last step, for callbacks (EarlyStopping, ModelCheckpoint) and progress bars;
+            # the loggers get train/loss at every log_every_n_steps step instead (_log_train). Summed across
+            # processes, each of which holds one slice's sum.
+            distributed = self.trainer.world_size > 1
+            self.log("train/loss", self.last_loss, prog_bar=True, logger=False, sync_dist=distributed, reduce_fx="sum")
         every = self.trainer.log_every_n_steps
         if self.loggers and every and step % every == 0:
             self._log_train(self.last_loss, step)
@@ -226,7 +285,8 @@ class DynamicNet(LightningModule):
                 )
             for i, group in enumerate(optimizer.param_groups):
                 if name == "lr":
-                    group["lr"] *= new / old
+                    # Rescaled, so a schedule keeps its shape; from an lr of 0 there is no shape to keep.
+                    group["lr"] = group["lr"] * new / old if old else new
                     if "initial_lr" in group:
                         group["initial_lr"] = new
                     for scheduler in schedulers:
@@ -281,6 +341,20 @@ class DynamicNet(LightningModule):
             self.log_evaluation(metrics)
         return metrics
 
+    def on_train_end(self) -> None:
+        self.log_final_evaluation()
+
+    def log_final_evaluation(self) -> None:
+        """Log val/* at the final step when Lightning's validation did not run there (an interrupt, or an epoch
+        that check_val_every_n_epoch skips). Only logged: early stopping, schedulers and best checkpoints see just
+        Lightning's validations, so an interrupted run continues exactly as if it had not been interrupted."""
+        trainer = self.trainer
+        if not trainer.loggers or trainer.fast_dev_run or trainer.limit_val_batches == 0:
+            return
+        if self.evaluated_step != trainer.global_step:
+            x, y = next(iter(trainer.datamodule.val_dataloader()))
+            self.log_evaluation({f"val/{name}": value for name, value in self.evaluate(x, y).items()})
+
     def log_evaluation(self, metrics: dict[str, Tensor]) -> None:
         """Send evaluation metrics to the loggers at the current optimizer step (rank zero writes)."""
         values = {name: float(value) for name, value in metrics.items()}
@@ -291,23 +365,45 @@ class DynamicNet(LightningModule):
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         x, y = batch
         predictions = {f"degree_{k}": p for k, p in self.model.at_each_degree(x).items()}
-        expected = torch.stack(list(predictions.values())).mean(0)
-        return {"x": x, "target": y} | predictions | {"expected": expected}
+        return {"x": x, "target": y} | predictions | {"expected": self(x)}
 
     # ----------------------------------------------------------------------------------------------- checkpoints
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike, map_location: Any = None, **kwargs: Any):
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | os.PathLike,
+        map_location: Any = None,
+        hparams_file: str | os.PathLike | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ):
         """Rebuild a trained module from a dynnet checkpoint, read weights-only and checked before use.
 
-        Unlike Lightning's version this never imports or calls anything the checkpoint names (its
-        ``_instantiator`` hyper-parameter): the class is this one, built from the two degrees.
+        Lightning's arguments mean what they mean in Lightning: the hyper-parameters in ``hparams_file`` (YAML)
+        replace the checkpoint's and ``kwargs`` replace both; ``strict=False`` loads a state_dict that matches the
+        module only in part. Unlike Lightning's version this never imports or calls anything the checkpoint names
+        (its ``_instantiator`` hyper-parameter): the class is this one, and ``weights_only=False``, which would
+        let a checkpoint run code, is refused.
         """
-        checkpoint = load_checkpoint(checkpoint_path, map_location or "cpu")
-        degrees = {key: checkpoint["hyper_parameters"][key] for key in ("min_degree", "max_degree")}
-        module = cls(**(degrees | kwargs))
-        module.to(checkpoint["state_dict"]["model.shared"].dtype)  # a float64 run's numbers stay float64
-        module.load_state_dict(checkpoint["state_dict"])
+        if weights_only is False:
+            raise ValueError(
+                "load_from_checkpoint(weights_only=False) is refused: dynnet checkpoints hold only tensors and plain "
+                "data, and are always read without running code from them"
+            )
+        checkpoint = load_checkpoint(checkpoint_path, map_location or "cpu", strict=strict is not False)
+        hparams = dict(checkpoint["hyper_parameters"])
+        if hparams_file is not None:
+            given = load_yaml(hparams_file)
+            if not isinstance(given, dict):
+                raise ValueError(f"hparams_file {hparams_file} should map hyper-parameters to values")
+            hparams |= given
+        accepted = inspect.signature(cls.__init__).parameters
+        module = cls(**({k: v for k, v in hparams.items() if k in accepted} | kwargs))
+        state = checkpoint["state_dict"]
+        module.to(next(iter(state.values()), module.model.shared).dtype)  # a float64 run's numbers stay float64
+        module.load_state_dict(state, strict=module.strict_loading if strict is None else strict)
         module.on_load_checkpoint(checkpoint)
         return module
 
@@ -316,24 +412,22 @@ class DynamicNet(LightningModule):
         checkpoint["degree_counts"] = list(self.degree_counts)
         trainer = self.trainer
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
+        schedulers = trainer.lr_scheduler_configs
         # What the run was trained with, so that a resume can tell a changed setting from an unchanged one.
         checkpoint["run_settings"] = {
             "seed": self.seed,
             "precision": str(trainer.precision),
             "optimizer": class_path(type(optimizer)) if optimizer else None,
             "optimizer_args": {k: v for k, v in optimizer.defaults.items() if is_plain(v)} if optimizer else {},
-            "lr_scheduler": class_path(type(schedulers[0])) if schedulers else None,
-            "lr_scheduler_args": {k: v for k, v in self.lr_scheduler_args.items() if is_plain(v)},
-            "lr_interval": self.lr_interval,
+            "lr_scheduler": class_path(type(schedulers[0].scheduler)) if schedulers else None,
+            "lr_interval": schedulers[0].interval if schedulers else None,
             "data": dict(trainer.datamodule.hparams) if trainer.datamodule is not None else {},
-            # Steps in a train batch, which val_check_interval (counted in batches) depends on.
-            "item_steps": getattr(trainer.datamodule, "steps_per_batch", None),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.model.rng.setstate(checkpoint["degree_generator"])
-        self.degree_counts = list(checkpoint["degree_counts"])
+        if len(checkpoint["degree_counts"]) == len(self.degree_counts):  # else other degrees (strict=False)
+            self.degree_counts = list(checkpoint["degree_counts"])
         self.resumed_from = checkpoint["run_settings"]
 
 
@@ -357,6 +451,19 @@ def _agreed_stop(own: int | None, received: Tensor) -> int | None:
     """The signal to stop with, given the sum of the signal numbers all processes received (0: none did). A
     process that got no signal itself stops as if terminated."""
     return (own or signal.SIGTERM) if received.item() > 0 else None
+
+
+def check_plateau(scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau) -> None:
+    """Refuse a ReduceLROnPlateau that could never lower the lr: torch skips a reduction smaller than its eps
+    (1e-8 by default), and at the tutorial's lr of 1e-8 every reduction is smaller."""
+    for group in scheduler.optimizer.param_groups:
+        lr = group["lr"]
+        if 0 < lr * (1 - scheduler.factor) <= scheduler.eps:
+            raise ValueError(
+                f"ReduceLROnPlateau skips reductions smaller than its eps ({scheduler.eps:g}), and at lr {lr:g} "
+                f"with factor {scheduler.factor:g} every reduction is: give it eps={lr * 1e-8:g} "
+                f"(--lr_scheduler.eps {lr * 1e-8:g}), the lr times torch's default 1e-8"
+            )
 
 
 def _plateau(config) -> bool:

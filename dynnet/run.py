@@ -116,7 +116,7 @@ class Run(Checkpoint):
       where SIGTERM or SIGINT stopped it; and, unless the user gives a ModelCheckpoint, ``best-step=<N>.ckpt``,
       the state with the lowest ``val/expected_loss`` so far;
     - stops training on SIGTERM or SIGINT at the next step boundary;
-    - logs an evaluation at the final step when Lightning's validation did not run there;
+    - logs the evaluation at the step where a signal stopped the fit;
     - moves a resumed run's checkpoint bookkeeping to where its folder is now, and removes files a kill left;
     - prints the resume point, the training speed, the tutorial's Result line and where the logs are.
 
@@ -124,15 +124,25 @@ class Run(Checkpoint):
     already holds their updates for the step.
     """
 
-    def __init__(self, path: Path | None, config: str | None = None, save: bool = True, best: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        config: str | None = None,
+        save: bool = True,
+        best: bool = True,
+        lr_scheduler_args: dict | None = None,
+    ) -> None:
         """
         Args:
             path: The run folder (on processes other than rank 0, replaced by rank 0's); None writes nothing.
             config: The run's config as YAML.
             save: Whether to save checkpoints at all (False for --trainer.enable_checkpointing false).
             best: Whether to keep the best checkpoint (False when the user gives a ModelCheckpoint).
+            lr_scheduler_args: The schedule's arguments, kept in checkpoints so that a resume can tell a changed
+                one (a scheduler's own state lacks some, such as OneCycleLR's max_lr).
         """
         self.path, self.config = path, config
+        self.lr_scheduler_args = lr_scheduler_args or {}
         self.save_last, self.save_best = save and path is not None, save and best and path is not None
         self.best_name: str | None = None
         self.best_score: float | None = None
@@ -145,7 +155,12 @@ class Run(Checkpoint):
         return self.path / "checkpoints"
 
     def state_dict(self) -> dict:
-        return {"path": str(self.path), "best": self.best_name, "best_score": self.best_score}
+        return {
+            "path": str(self.path),
+            "best": self.best_name,
+            "best_score": self.best_score,
+            "lr_scheduler_args": self.lr_scheduler_args,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best_name, self.best_score = state_dict["best"], state_dict["best_score"]
@@ -217,7 +232,6 @@ class Run(Checkpoint):
             self.save(trainer, again=True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        log_final_evaluation(trainer, pl_module)
         self.save(trainer, again=True)  # callbacks may change the model at the end (StochasticWeightAveraging)
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize()
@@ -237,7 +251,7 @@ class Run(Checkpoint):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if isinstance(exception, Interrupted):
-            log_final_evaluation(trainer, pl_module)
+            pl_module.log_final_evaluation()
             self.save(trainer)
 
     def save(self, trainer: Trainer, again: bool = False) -> None:
@@ -262,35 +276,24 @@ class Run(Checkpoint):
             signal.signal(signum, handler)
 
 
-def log_final_evaluation(trainer: Trainer, pl_module: LightningModule) -> None:
-    """Log val/* at the final step when Lightning's validation did not run there (an interrupt, or an epoch that
-    check_val_every_n_epoch skips). Only logged: early stopping, schedulers and best checkpoints see just
-    Lightning's validations, so an interrupted run continues exactly as if it had not been interrupted."""
-    if not trainer.loggers or trainer.fast_dev_run or trainer.limit_val_batches == 0:
-        return
-    if pl_module.evaluated_step == trainer.global_step:
-        return
-    x, y = next(iter(trainer.datamodule.val_dataloader()))
-    pl_module.log_evaluation({f"val/{name}": value for name, value in pl_module.evaluate(x, y).items()})
-
-
 def _request_stop(pl_module: LightningModule, signum: int) -> None:
     pl_module.stop_signal = signum
 
 
 def _check_callback_files(checkpoint: str, states: dict, own: str) -> None:
     """Refuse callback states that name files a callback could later delete outside its own folder: a crafted
-    checkpoint must not turn a new best checkpoint into the removal of an arbitrary file."""
+    checkpoint must not turn a new best checkpoint into the removal of an arbitrary file. Files in subfolders are
+    the callback's own (a ModelCheckpoint filename such as '{step}-{val/expected_loss:.4f}' makes one)."""
     best = states.get(own, {}).get("best")
     if best is not None and not re.fullmatch(r"best-step=\d+\.ckpt", str(best)):
         raise CheckpointError(f"checkpoint {checkpoint} was refused: its run state names {best!r} as its best file")
     for key, state in states.items():
         if not isinstance(state, dict) or "dirpath" not in state:
             continue
-        folder = Path(str(state["dirpath"]))
+        folder = Path(os.path.normpath(str(state["dirpath"])))
         named = [state.get(k) for k in ("best_model_path", "kth_best_model_path", "last_model_path")]
         for path in [*named, *state.get("best_k_models", {})]:
-            if path and Path(str(path)).parent != folder:
+            if path and folder not in Path(os.path.normpath(str(path))).parents:
                 raise CheckpointError(
                     f"checkpoint {checkpoint} was refused: {key.split('{')[0]} state names {path}, outside its "
                     f"folder {folder}"

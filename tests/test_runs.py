@@ -475,7 +475,7 @@ def test_a_signal_at_an_epochs_last_step_resumes_exactly(tmp_path, capsys):
         (
             ["--trainer.val_check_interval", "30"],
             ["--trainer.val_check_interval", "30", "--data.steps_per_batch", "5"],
-            "cannot resume with batches of 5 steps (the run's were 10)",
+            "cannot resume with train batches of 5 steps (the run's were 10)",
         ),  # fmt: skip
     ],
     ids=["lr_interval", "scheduler-argument", "non-numeric-optimizer-argument", "batches-under-val_check_interval"],

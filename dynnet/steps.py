@@ -1,0 +1,141 @@
+"""Lightning's settings that count train batches, on dynnet's train batches of many optimizer steps.
+
+A dynnet train batch carries up to ``steps_per_batch`` optimizer steps (Lightning's work around a batch costs more
+than a step of this model). Lightning acts at batch ends, so a batch must end at every step where a setting acts:
+a logging step, a ModelCheckpoint's ``every_n_train_steps``, a validation, ``min_steps``, an epoch's end. These
+functions size the batches from the Trainer itself, so that a plain ``Trainer(...).fit(DynamicNet(), SineData())``
+gets the same optimizer steps as ``dynnet fit``, and refuse at the start of a fit, in one line, what cannot mean in
+dynnet what it means in Lightning.
+"""
+
+import math
+import re
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import (
+    BatchSizeFinder,
+    DeviceStatsMonitor,
+    EarlyStopping,
+    GradientAccumulationScheduler,
+    LearningRateFinder,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ModelPruning,
+    RichProgressBar,
+    ThroughputMonitor,
+    TQDMProgressBar,
+)
+
+# Callbacks that count Lightning's train batches (a progress bar's position, a monitor's logging interval, a
+# throughput): with one of them every batch is a single optimizer step, so that they count optimizer steps.
+BATCH_COUNTED = (TQDMProgressBar, RichProgressBar, LearningRateMonitor, DeviceStatsMonitor, ThroughputMonitor)
+# What dynnet logs: what EarlyStopping, ModelCheckpoint and ReduceLROnPlateau can monitor.
+MONITORABLE = ("val/expected_loss", "val/optimality_gap", "val/log10_gap", "train/loss")
+
+
+def batch_steps(trainer: Trainer, steps_per_batch: int, steps_per_epoch: int) -> int:
+    """Optimizer steps in one train batch: one when a setting or callback counts train batches; else at most
+    steps_per_batch, and dividing every interval the fit acts on, so that a batch ends at each of those steps."""
+    if trainer.fast_dev_run or counts_batches(trainer):
+        return 1  # fast_dev_run=N means N batches of training, then validation: N steps
+    steps = math.gcd(steps_per_batch, steps_per_epoch)
+    for interval in (trainer.log_every_n_steps, validation_steps(trainer, steps_per_epoch), trainer.min_steps):
+        if interval:
+            steps = math.gcd(steps, interval)
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and checkpoint_interval(callback):
+            steps = math.gcd(steps, checkpoint_interval(callback))
+    return steps
+
+
+def counts_batches(trainer: Trainer) -> list[str]:
+    """The names of the trainer's callbacks that count train batches."""
+    return [type(c).__name__ for c in trainer.callbacks if isinstance(c, BATCH_COUNTED)]
+
+
+def checkpoint_interval(callback: ModelCheckpoint) -> int:
+    """A ModelCheckpoint's every_n_train_steps (0 when it saves by epochs or time). Its only public form is the
+    callback's state key, ``ModelCheckpoint{'monitor': ..., 'every_n_train_steps': N, ...}``."""
+    found = re.search(r"'every_n_train_steps': (\d+)", callback.state_key)
+    return int(found.group(1)) if found else 0
+
+
+def validation_steps(trainer: Trainer, steps_per_epoch: int) -> int | None:
+    """The validation interval in optimizer steps when val_check_interval asks for one inside epochs, else None
+    (once an epoch, or a time interval)."""
+    value = trainer.val_check_interval
+    if isinstance(value, bool) or value is None or (isinstance(value, float) and value >= 1.0):
+        return None
+    if isinstance(value, float):
+        steps = int(steps_per_epoch * value)
+        if steps < 1:
+            raise ValueError(f"val_check_interval {value} is less than one step of a {steps_per_epoch}-step epoch")
+        return steps
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"val_check_interval must be at least 1 step, got {value}")
+        if value > steps_per_epoch and trainer.check_val_every_n_epoch is not None:
+            raise ValueError(
+                f"val_check_interval {value} is longer than an epoch ({steps_per_epoch} steps): set "
+                "check_val_every_n_epoch to None to count steps across epochs"
+            )
+        return value
+    return None
+
+
+def check_resumed_batches(trained: int | None, batch_steps: int, validation_interval: int | None) -> None:
+    """Refuse to resume a run cut into batches of another size when Lightning counts its validation interval in
+    batches: the restored count of batches would put every later validation at another step."""
+    if validation_interval is not None and trained not in (None, batch_steps):
+        raise ValueError(
+            f"cannot resume with train batches of {batch_steps} steps (the run's were {trained}): val_check_interval "
+            "counts train batches; keep the run's steps_per_batch, log_every_n_steps and checkpoint intervals"
+        )
+
+
+def refuse_unsupported(trainer: Trainer) -> None:
+    """Refuse, in one line, Trainer settings and callbacks that cannot mean in dynnet what they mean in Lightning."""
+    if trainer.limit_train_batches not in (None, 1, 1.0) and not trainer.fast_dev_run:  # its own limit: N steps
+        raise ValueError(
+            "limit_train_batches counts train batches, which hold many optimizer steps in dynnet: shorten "
+            "training with max_steps (--trainer.max_steps) or SineData(steps_per_epoch) (--data.steps_per_epoch)"
+        )
+    if trainer.overfit_batches not in (None, 0, 0.0):
+        raise ValueError("overfit_batches does not apply: every dynnet step trains on all the points")
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(
+            "accumulate_grad_batches is not supported: every dynnet step already uses all the points; change the "
+            "step size with the optimizer's lr (--optimizer.lr)"
+        )
+    if trainer.gradient_clip_val:
+        raise ValueError(
+            "Trainer(gradient_clip_val=...) clips only under Lightning's automatic optimization: give it to the "
+            "module, DynamicNet(gradient_clip_val=..., gradient_clip_algorithm=...), which clips every step"
+        )
+    for callback in trainer.callbacks:
+        name = type(callback).__name__
+        if isinstance(callback, (LearningRateFinder, BatchSizeFinder)):
+            raise ValueError(
+                f"{name} needs Lightning's automatic optimization, which dynnet's step loop does not use: search "
+                "learning rates with dynnet-sweep"
+            )
+        if isinstance(callback, GradientAccumulationScheduler):
+            raise ValueError(
+                "GradientAccumulationScheduler is not supported: every dynnet step already uses all the points; "
+                "change the step size with the optimizer's lr or a learning-rate schedule"
+            )
+        if isinstance(callback, ModelPruning):
+            raise ValueError(
+                "ModelPruning prunes the weights of layers such as nn.Linear; DynamicPolynomial has only its scalar "
+                "coefficients, so there is nothing to prune: drop ModelPruning"
+            )
+        monitor = getattr(callback, "monitor", None)
+        if isinstance(callback, (EarlyStopping, ModelCheckpoint)) and monitor not in (None, *MONITORABLE):
+            raise ValueError(
+                f"{name} monitors {monitor!r}, which dynnet does not log; use one of {', '.join(MONITORABLE)}"
+            )
+        if isinstance(callback, ModelCheckpoint) and "'train_time_interval': None" not in callback.state_key:
+            raise ValueError(
+                "ModelCheckpoint(train_time_interval=...) never fires under manual optimization in this Lightning; "
+                "use every_n_train_steps"
+            )

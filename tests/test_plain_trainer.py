@@ -1,0 +1,370 @@
+"""DynamicNet and SineData driven from plain Python, with a Lightning user's own Trainer: they get what `dynnet fit`
+gets, counted in optimizer steps, or the same one-line refusal when the fit starts.
+
+Every case is a tiny CPU fit into tmp_path: epochs of 100 steps, train batches of at most 50 steps.
+"""
+
+from contextlib import ExitStack
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from conftest import ROOT, error_of, plain_loop, result
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ModelPruning,
+    RichProgressBar,
+    TQDMProgressBar,
+)
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dynnet import DynamicNet, SineData, StepProgressBar
+from dynnet.checkpoint import load_checkpoint
+from dynnet.cli import DynnetCLI
+
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
+# Lightning's notice that ModelCheckpoint(every_n_train_steps) saves the state after the step: what dynnet means.
+pytestmark = pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization")
+
+
+def data() -> SineData:
+    return SineData(steps_per_epoch=100, steps_per_batch=50)
+
+
+def train(tmp_path, module: DynamicNet | None = None, seed: int = 3, **trainer_args) -> tuple[L.Trainer, DynamicNet]:
+    """A plain Lightning fit of a DynamicNet (seeded first, as seed_everything in a config does) on SineData."""
+    L.seed_everything(seed)
+    module = module or DynamicNet()
+    trainer = L.Trainer(default_root_dir=tmp_path, **(QUIET | trainer_args))
+    trainer.fit(module, data())
+    return trainer, module
+
+
+def refused(tmp_path, **trainer_args) -> str:
+    with pytest.raises(ValueError) as error:
+        train(tmp_path, **trainer_args)
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("events.*")), "a refusal writes nothing"
+    return str(error.value)
+
+
+def scalar_steps(folder, tag: str) -> list[int]:
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+class StepAdam(DynamicNet):
+    """What a Python user writes to train with another optimizer and a schedule."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=0.05)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=50, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class BatchEnds(Callback):
+    """Records, at every train batch end, the step, train/loss in callback_metrics and the batch's last loss."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        metric = trainer.callback_metrics["train/loss"]
+        self.seen.append((trainer.global_step, float(metric), float(pl_module.last_loss)))
+
+
+# ------------------------------------------------------------------------------------------------ the tutorial
+
+
+def test_a_plain_trainer_trains_the_tutorials_run(tmp_path):
+    # Lightning's defaults: its progress bar, TensorBoard logger and checkpoint; the tutorial's SGD by default.
+    trainer, module = train(tmp_path, seed=0, max_steps=300, enable_progress_bar=True)
+    assert trainer.global_step == 300
+    assert type(trainer.optimizers[0]) is torch.optim.SGD and trainer.optimizers[0].defaults["lr"] == 1e-8
+    assert module.model.flat().tolist() == plain_loop("--seed", "0", "--steps", "300")
+
+
+def test_identical_settings_give_identical_runs_both_ways(tmp_path):
+    """log_every_n_steps, val_check_interval in steps, a step-counted ModelCheckpoint and min_steps with an early
+    stop: the same logged steps, checkpoint steps and Result from plain Python as from `dynnet fit`."""
+    every_30 = {"every_n_train_steps": 30, "filename": "{step}", "save_top_k": -1}
+    stop = {"monitor": "val/expected_loss", "patience": 0, "min_delta": 1e9}
+    settings = {"max_steps": 400, "min_steps": 250, "log_every_n_steps": 20, "val_check_interval": 70}
+    trainer, module = train(
+        tmp_path / "plain",
+        callbacks=[ModelCheckpoint(**every_30), EarlyStopping(**stop)],
+        check_val_every_n_epoch=None,
+        **settings,
+    )
+    flags = [f"--trainer.{k}={v}" for k, v in settings.items()] + ["--trainer.check_val_every_n_epoch=null"]
+    callbacks = [
+        {"class_path": "ModelCheckpoint", "init_args": every_30},
+        {"class_path": "EarlyStopping", "init_args": stop},
+    ]
+    with ExitStack() as cleanup:
+        cli = DynnetCLI(
+            ["fit", "-c", str(ROOT / "configs" / "default.yaml"), "--seed_everything=3", *flags,
+             f"--trainer.callbacks={yaml.safe_dump(callbacks)}", "--trainer.enable_progress_bar=false",
+             "--data.steps_per_epoch=100", "--data.steps_per_batch=50",
+             f"--trainer.default_root_dir={tmp_path / 'cli'}"],
+            cleanup=cleanup,
+        )  # fmt: skip
+    plain_run = tmp_path / "plain" / "lightning_logs" / "version_0"
+    cli_run = tmp_path / "cli" / "lightning_logs" / "version_0"
+    assert trainer.global_step == cli.trainer.global_step == 250  # stopped early, at min_steps
+    for tag in ("train/loss", "coef/e", "val/expected_loss"):
+        assert scalar_steps(plain_run, tag) == scalar_steps(cli_run, tag), tag
+    assert scalar_steps(plain_run, "train/loss") == list(range(20, 251, 20))
+    assert scalar_steps(plain_run, "val/expected_loss") == [70, 140, 210, 250]
+    plain_saves = sorted(p.name for p in plain_run.glob("checkpoints/step=*.ckpt"))
+    assert plain_saves == sorted(p.name for p in cli_run.glob("checkpoints/step=*.ckpt"))
+    assert sorted(int(n[5:-5]) for n in plain_saves) == [30, 60, 90, 120, 150, 180, 210, 240]
+    assert module.model.formula() == cli.model.model.formula()
+
+
+# ------------------------------------------------------------------------------------------------ step-counted
+
+
+@pytest.mark.parametrize(
+    "settings, validated",
+    [
+        ({"val_check_interval": 30}, [30, 60, 90, 130, 160, 190, 200]),
+        ({"val_check_interval": 0.5}, [50, 100, 150, 200]),
+        ({"val_check_interval": 70, "check_val_every_n_epoch": None}, [70, 140, 200]),
+        ({"check_val_every_n_epoch": 2, "max_steps": 300}, [200, 300]),
+    ],
+    ids=["int", "fraction", "across-epochs", "every-2-epochs"],
+)
+def test_validation_comes_at_the_steps_asked_for(tmp_path, settings, validated):
+    trainer, _ = train(tmp_path, **({"max_steps": 200} | settings))
+    # The last point is the evaluation logged at the final step, wherever Lightning's last validation was.
+    assert scalar_steps(tmp_path / "lightning_logs" / "version_0", "val/expected_loss") == validated
+    assert trainer.val_check_interval == settings.get("val_check_interval", 1.0)  # the user's Trainer, unchanged
+
+
+def test_max_steps_ends_inside_a_batch(tmp_path):
+    trainer, _ = train(tmp_path, max_steps=137)
+    assert trainer.global_step == 137
+
+
+def test_a_schedule_steps_every_optimizer_step(tmp_path):
+    trainer, _ = train(tmp_path, module=StepAdam(), max_steps=120)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 / 4)  # halved at 50 and 100
+
+
+def test_train_loss_is_in_callback_metrics_at_every_batch_end(tmp_path):
+    ends = BatchEnds()
+    train(tmp_path, max_steps=200, callbacks=[ends])
+    assert [step for step, _, _ in ends.seen] == list(range(50, 201, 50))
+    assert all(metric == last for _, metric, last in ends.seen)
+
+
+def test_early_stopping_on_train_loss_without_a_progress_bar(tmp_path):
+    stop = EarlyStopping(monitor="train/loss", patience=0, min_delta=1e9, check_on_train_epoch_end=True)
+    trainer, _ = train(tmp_path, max_steps=1000, callbacks=[stop])
+    assert trainer.global_step == 200  # no epoch improves by 1e9: the second epoch's end stops
+
+
+def test_a_second_fit_continues_the_draws(tmp_path):
+    class Plain(DynamicNet):  # momentum 0: nothing but the parameters and the draws carries over between fits
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-8)
+
+    L.seed_everything(3)
+    twice = Plain()
+    for _ in range(2):
+        L.Trainer(max_steps=100, logger=False, enable_checkpointing=False, **QUIET).fit(twice, data())
+    L.seed_everything(3)
+    straight = Plain()
+    L.Trainer(max_steps=200, logger=False, enable_checkpointing=False, **QUIET).fit(straight, data())
+    assert twice.degree_counts == straight.degree_counts
+    assert torch.equal(twice.model.flat(), straight.model.flat())
+
+
+def test_fast_dev_run_trains_validates_and_ends_its_epoch(tmp_path):
+    class Events(Callback):
+        def __init__(self) -> None:
+            self.events: list[tuple[str, int]] = []
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            self.events.append(("validation", trainer.global_step))
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.events.append(("epoch end", trainer.global_step))
+
+    events = Events()
+    trainer, _ = train(tmp_path, fast_dev_run=5, callbacks=[events])
+    assert trainer.global_step == 5
+    assert events.events == [("validation", 5), ("epoch end", 5)]
+
+
+@pytest.mark.parametrize("bar", [TQDMProgressBar, RichProgressBar])
+def test_lightnings_progress_bars_count_optimizer_steps(tmp_path, bar):
+    class Counted(bar):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            # Both bars show batch_idx + 1 within the epoch: with batches of one step, the epoch's optimizer steps.
+            assert batch_idx + 1 == trainer.global_step - 100 * trainer.current_epoch
+
+    trainer, _ = train(tmp_path, max_steps=150, callbacks=[Counted()], enable_progress_bar=True)
+    assert trainer.datamodule.batch_steps == 1
+    assert trainer.global_step == 150
+
+
+def test_dynnets_progress_display_keeps_batches_of_many_steps(tmp_path):
+    trainer, _ = train(tmp_path, max_steps=150, callbacks=[StepProgressBar()], enable_progress_bar=True)
+    assert trainer.datamodule.batch_steps == 50
+
+
+def test_the_lr_monitor_logs_at_optimizer_steps(tmp_path):
+    trainer, _ = train(tmp_path, max_steps=60, callbacks=[LearningRateMonitor()], log_every_n_steps=20)
+    assert scalar_steps(tmp_path / "lightning_logs" / "version_0", "lr-SGD") == [0, 19, 39, 59]
+
+
+def test_gradient_clipping_bounds_every_update(tmp_path):
+    class FastSGD(DynamicNet):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    L.seed_everything(3)
+    module = FastSGD(gradient_clip_val=0.001)
+    start = module.model.flat().detach().clone()
+    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, **QUIET).fit(module, data())
+    assert (module.model.flat().detach() - start).norm() == pytest.approx(0.001, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+
+
+class Plateau(DynamicNet):
+    def __init__(self, eps: float | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=1e-8, momentum=0.9)
+        kwargs = {"eps": self.eps} if self.eps is not None else {}
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=0, **kwargs)
+        return {"optimizer": optimizer, "lr_scheduler": plateau}
+
+
+def test_reduce_on_plateau_that_could_never_act_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"give it eps=1e-16"):
+        train(tmp_path, module=Plateau(), max_steps=300)
+
+
+def test_reduce_on_plateau_lowers_a_small_lr_given_a_small_eps(tmp_path):
+    # Watching for a rise of a falling loss: every validation after the first is a plateau.
+    trainer, _ = train(tmp_path, module=Plateau(eps=1e-16), max_steps=300)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-10)  # reduced at steps 200 and 300
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize(
+    "settings, line",
+    [
+        ({"accumulate_grad_batches": 2}, "accumulate_grad_batches is not supported"),
+        ({"limit_train_batches": 3}, "limit_train_batches counts train batches"),
+        ({"overfit_batches": 1}, "overfit_batches does not apply"),
+        ({"gradient_clip_val": 0.5}, "DynamicNet(gradient_clip_val=..., gradient_clip_algorithm=...)"),
+        ({"callbacks": [ModelPruning("l1_unstructured")]}, "there is nothing to prune: drop ModelPruning"),
+        ({"callbacks": [EarlyStopping(monitor="val_loss")]}, "EarlyStopping monitors 'val_loss'"),
+    ],
+    ids=["accumulate", "limit_train_batches", "overfit", "trainer-clipping", "pruning", "unknown-monitor"],
+)
+def test_refusals_are_dynnets_one_line_when_the_fit_starts(tmp_path, settings, line):
+    message = refused(tmp_path, **settings)
+    assert line in message and "\n" not in message
+
+
+def test_the_cli_refuses_with_the_same_line(tmp_path, capsys):
+    error = error_of(
+        ["fit", "--trainer.accumulate_grad_batches", "2", "--trainer.default_root_dir", str(tmp_path)], capsys
+    )
+    with pytest.raises(ValueError) as plain:
+        train(tmp_path / "plain", accumulate_grad_batches=2)
+    assert error == f"dynnet: error: {plain.value}"
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+def test_forward_is_the_expected_prediction():
+    module = DynamicNet()
+    x = torch.linspace(-3, 3, 11)
+    expected = torch.stack([module.model(x, degree=k) for k in (3, 4, 5)]).mean(0)
+    assert torch.allclose(module(x), expected)
+
+
+def test_to_torchscript_reproduces_forward(tmp_path):
+    module = DynamicNet()
+    x = torch.linspace(-3, 3, 11)
+    scripted = module.to_torchscript(method="trace")  # the degree generator is Python's, so tracing, not script
+    torch.jit.save(scripted, tmp_path / "model.pt")
+    assert torch.equal(torch.jit.load(tmp_path / "model.pt")(x), module(x))
+
+
+def test_to_onnx_reproduces_forward(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from onnx.reference import ReferenceEvaluator
+
+    module = DynamicNet()
+    module.to_onnx(tmp_path / "model.onnx")
+    onnx.checker.check_model(tmp_path / "model.onnx")
+    x = module.example_input_array
+    (output,) = ReferenceEvaluator(str(tmp_path / "model.onnx")).run(None, {"x": x.numpy()})
+    assert torch.allclose(torch.from_numpy(output), module(x))
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    trainer, module = train(tmp_path, max_steps=100)
+    return tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "epoch=0-step=100.ckpt", module
+
+
+def test_load_from_checkpoint_takes_lightnings_arguments(tmp_path, checkpoint):
+    path, trained = checkpoint
+    loaded = DynamicNet.load_from_checkpoint(path, map_location="cpu", strict=True, weights_only=True)
+    assert torch.equal(loaded.model.flat(), trained.model.flat())
+    hparams = tmp_path / "hparams.yaml"
+    hparams.write_text("gradient_clip_val: 0.25\n")
+    assert DynamicNet.load_from_checkpoint(path, hparams_file=hparams).gradient_clip_val == 0.25
+    assert DynamicNet.load_from_checkpoint(path, hparams_file=hparams, gradient_clip_val=0.5).gradient_clip_val == 0.5
+    # strict=False: a model with another min_degree takes the coefficients the two share.
+    partial = DynamicNet.load_from_checkpoint(path, min_degree=4, strict=False)
+    assert torch.equal(partial.model.coefficients[3], trained.model.coefficients[3])
+    with pytest.raises(RuntimeError, match="Missing key"):
+        DynamicNet.load_from_checkpoint(path, min_degree=4)
+    with pytest.raises(ValueError, match="weights_only=False"):
+        DynamicNet.load_from_checkpoint(path, weights_only=False)
+
+
+def test_a_plain_resume_ends_where_one_fit_ends(tmp_path, checkpoint):
+    path, _ = checkpoint
+    resumed = DynamicNet()
+    L.Trainer(max_steps=200, default_root_dir=tmp_path / "resumed", **QUIET).fit(resumed, data(), ckpt_path=path)
+    _, straight = train(tmp_path / "straight", max_steps=200)
+    assert torch.equal(resumed.model.flat(), straight.model.flat())
+
+
+def test_a_checkpoint_filename_with_a_slash_resumes(tmp_path, fit):
+    spec = {"class_path": "ModelCheckpoint", "init_args": {"filename": "{step}-{val/expected_loss:.4f}"}}
+    args = ["-c", str(ROOT / "configs" / "default.yaml"), "--trainer.max_steps", "200", "--data.steps_per_epoch",
+            "100", "--trainer.enable_progress_bar", "false",
+            f"--trainer.callbacks={yaml.safe_dump([spec])}"]  # fmt: skip
+    fit(*args)
+    assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/step=*-val/expected_loss=*.ckpt"))
+    out, _ = fit(*args, "--trainer.max_steps", "300", "--ckpt_path", "last")
+    assert "Resumed from" in out and result(out)
+    assert (
+        load_checkpoint(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")["global_step"] == 300
+    )
