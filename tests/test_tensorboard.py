@@ -1,5 +1,6 @@
 """A short run read back through a real TensorBoard server's HTTP API, and the ways to use a checkpoint."""
 
+import contextlib
 import csv
 import json
 import os
@@ -27,19 +28,22 @@ def run(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def tensorboard(run):
+@contextlib.contextmanager
+def serve(logdir, *flags: str):
+    """A TensorBoard server on logdir, as a function that GETs a path of its HTTP API (or POSTs ``body``)."""
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(run / "lightning_logs"), "--host", "127.0.0.1",
-         "--port", str(port), "--load_fast", "false", "--reload_interval", "1"],
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
+         "--port", str(port), "--reload_interval", "1", *flags],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
 
-    def get(path: str, **query):
+    def get(path: str, body: dict | None = None, **query):
         url = f"{base}{path}?{urllib.parse.urlencode(query)}" if query else f"{base}{path}"
-        with urllib.request.urlopen(url, timeout=10) as response:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 
     try:
@@ -54,8 +58,14 @@ def tensorboard(run):
             time.sleep(0.5)
         yield get
     finally:
-        os.kill(server.pid, signal.SIGTERM)  # the server this fixture started, by its own process id
+        os.kill(server.pid, signal.SIGTERM)  # the server this function started, by its own process id
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tensorboard(run):
+    with serve(run / "lightning_logs", "--load_fast", "false") as get:
+        yield get
 
 
 def test_tensorboard_serves_the_whole_story(tensorboard):
@@ -71,6 +81,40 @@ def test_tensorboard_serves_the_whole_story(tensorboard):
     assert "val/fit" in images
     assert len(tensorboard("/data/plugin/images/images", run="version_0", tag="val/fit")) == 2
     assert "result/text_summary" in tensorboard("/data/plugin/text/tags")["version_0"]
+
+
+def test_hparams_lists_the_tuned_settings_first(tensorboard):
+    # TensorBoard's dashboard ticks the first five settings the server lists: those marked as differing.
+    experiment = tensorboard("/data/plugin/hparams/experiment", body={"experimentName": ""})
+    first = [(info["name"], info["differs"]) for info in experiment["hparamInfos"][:6]]
+    tuned = ["optimizer", "optimizer.lr", "optimizer.momentum", "seed_everything", "trainer.max_steps"]
+    assert first == [*((name, True) for name in tuned), ("data.high", False)]
+    types = {info["name"]: info["type"] for info in experiment["hparamInfos"]}
+    assert types["seed_everything"] == types["model.min_degree"] == "DATA_TYPE_FLOAT64"
+    assert [metric["name"]["tag"] for metric in experiment["metricInfos"]] == [
+        "val/expected_loss",
+        "val/optimality_gap",
+    ]
+    groups = tensorboard(
+        "/data/plugin/hparams/session_groups",
+        body={"experimentName": "", "allowedStatuses": ["STATUS_SUCCESS"], "colParams": [], "startIndex": 0,
+              "sliceSize": 10},
+    )  # fmt: skip
+    (group,) = groups["sessionGroups"]
+    assert group["hparams"]["seed_everything"] == 3 and group["hparams"]["optimizer"] == "SGD"
+    final = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
+    gaps = tensorboard("/data/plugin/scalars/scalars", run="version_0", tag="val/optimality_gap")
+    assert final["val/optimality_gap"] == pytest.approx(gaps[-1][2])
+
+
+@pytest.mark.slow
+def test_the_readme_flag_shows_every_fit_image(tmp_path):
+    # Twelve validations: TensorBoard keeps ten pictures of a tag unless told to keep more.
+    main(["fit", "-c", str(ROOT / "configs" / "default.yaml"), *TINY, "--trainer.max_steps", "1200",
+          "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    with serve(tmp_path / "lightning_logs", "--samples_per_plugin", "images=1000") as get:  # its default loader
+        images = get("/data/plugin/images/images", run="version_0", tag="val/fit")
+    assert [image["step"] for image in images] == list(range(100, 1201, 100))
 
 
 def test_predict_writes_a_csv(run, tmp_path, capsys):
@@ -109,6 +153,7 @@ def test_export_refuses_a_bad_checkpoint(tmp_path):
         export_main([str(bad)])
 
 
+@pytest.mark.slow
 def test_print_config_round_trips(tmp_path):
     printed = subprocess.run(
         [sys.executable, "-m", "dynnet", "fit", "-c", str(ROOT / "configs" / "fast.yaml"), "--print_config"],
@@ -127,6 +172,7 @@ def test_print_config_round_trips(tmp_path):
     assert "Trained 50 steps" in out.stdout
 
 
+@pytest.mark.slow
 def test_help_documents_every_option():
     out = subprocess.run([sys.executable, "-m", "dynnet", "fit", "--help"], capture_output=True, text=True).stdout
     for option, words in [
@@ -136,7 +182,7 @@ def test_help_documents_every_option():
         ("--data.low", "Left end"),
         ("--data.high", "Right end"),
         ("--data.steps_per_epoch", "Optimizer steps in one epoch"),
-        ("--data.steps_per_batch", "Optimizer steps taken on each item"),
+        ("--data.steps_per_batch", "Optimizer steps in each train batch"),
         ("--predictions.path", "The CSV file to write"),
     ]:
         assert option in out and words in out, option
