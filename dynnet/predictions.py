@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from dynnet.checkpoint import CheckpointError, write_atomically
+from dynnet.checkpoint import CheckpointError, file_kind, write_atomically
 from dynnet.errors import one_line
 from dynnet.module import DynamicNet
 
@@ -50,10 +50,17 @@ class PredictionCSV(Callback):
         print(f"Predictions: {path}", flush=True)
 
 
-def check_output_path(path: Path, inputs: list[str | os.PathLike | None]) -> None:
-    """Refuse, before any work, an output path that is a directory or one of the files the command reads."""
-    if path.is_dir():
+def check_output_path(path: str | os.PathLike, inputs: list[str | os.PathLike | None]) -> None:
+    """Refuse, before any work, an output path that is not a new or regular file, or is one of the files the
+    command reads. A symbolic link is refused, not followed: writing replaces only regular files."""
+    if os.fspath(path).endswith(("/", os.sep)):
+        raise ValueError(f"output {os.fspath(path)} is a directory; give a file name")
+    path = Path(path).expanduser()
+    kind = file_kind(path)
+    if kind == "a directory":
         raise ValueError(f"output {path} is a directory; give a file name")
+    if kind is not None:
+        raise ValueError(f"output {path} is {kind}, not a regular file; give the name of a regular file or a new one")
     for source in inputs:
         if source and path.exists() and Path(source).exists() and os.path.samefile(path, source):
             raise ValueError(f"output {path} is {source}, which this command reads; choose another file")
@@ -86,12 +93,16 @@ def export_main(args: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="a checkpoint written by dynnet fit")
     parser.add_argument("-o", "--output", help="the JSON file to write (default: the checkpoint's name with .json)")
     options = parser.parse_args(args)
-    output = Path(options.output or Path(options.checkpoint).with_suffix(".json")).expanduser()
+    given = options.output or str(Path(options.checkpoint).with_suffix(".json"))
+    output = Path(given).expanduser()
     try:
-        check_output_path(output, inputs=[options.checkpoint])
+        check_output_path(given, inputs=[options.checkpoint])
         polynomial = export(options.checkpoint)
+        # load_checkpoint refused non-finite coefficients; allow_nan=False keeps NaN and Infinity, which are not
+        # JSON, out of the file whatever reaches it.
+        text = json.dumps(polynomial, indent=2, allow_nan=False) + "\n"
         output.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(output, lambda file: file.write((json.dumps(polynomial, indent=2) + "\n").encode()))
+        write_atomically(output, lambda file: file.write(text.encode()))
     except (CheckpointError, ValueError, OSError) as err:
         sys.exit(f"dynnet-export: error: {one_line(err)}")
     print(f"Wrote {output}")
