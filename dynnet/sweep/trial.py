@@ -1,0 +1,176 @@
+"""One trial: a real ``dynnet fit`` with the trial's settings into ``<root>/lightning_logs/trial_NNNN``, as the
+objective of Optuna's study.optimize (which keeps the trial's heartbeat while it runs)."""
+
+import contextlib
+import io
+import math
+import os
+import signal
+import socket
+import time
+import traceback
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna_integration import PyTorchLightningPruningCallback
+
+from dynnet.cli import DynnetCLI
+from dynnet.errors import USER_ERRORS, Interrupted, one_line
+from dynnet.run import runs_dir
+from dynnet.sweep.config import Sweep
+from dynnet.sweep.errors import Stopped
+from dynnet.sweep.fit import base_args, run_name
+from dynnet.sweep.space import describe, fit_flags, suggest
+from dynnet.sweep.study import process_space
+
+
+class TrialFailed(Exception):
+    """A trial that failed: on its own (diverged, crashed; it has a reason and counts), or lost because its
+    worker was stopped (it does not count). study.optimize marks it failed and the worker goes on or stops."""
+
+
+class Discarded(BaseException):
+    """The trial was marked failed by another process while this one ran it (its worker was paused past the grace
+    period). A BaseException, so that study.optimize passes it on without telling the finished trial (which it
+    would refuse with a ValueError)."""
+
+
+@dataclass
+class Outcome:
+    """How a trial's fit ended: what to record, the line the sweep prints, and a stop signal that ended it."""
+
+    line: str
+    attrs: dict[str, Any]
+    value: float | None = None  # the objective of a completed trial
+    pruned: optuna.TrialPruned | None = None
+    stop: int | None = None  # a stop signal that ended the fit or arrived as it ended: the worker stops after it
+
+
+class TrialWatch(Callback):
+    """Keeps the trial's trainer, whose step count is wanted also when the fit ends by an exception."""
+
+    def __init__(self) -> None:
+        self.trainer = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.trainer = trainer
+
+
+class Pruning(PyTorchLightningPruningCallback):
+    """Optuna's Lightning pruning callback, except at the fit's last step: a trial that trained every step is
+    complete, whatever the pruner says of it. Its last value is still reported, for the study's history."""
+
+    def __init__(self, trial: optuna.Trial, monitor: str) -> None:
+        super().__init__(trial, monitor)
+        self.trial = trial
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not 0 <= trainer.max_steps <= trainer.global_step:
+            super().on_validation_end(trainer, pl_module)
+            return
+        score = trainer.callback_metrics.get(self.monitor)
+        if score is not None:
+            self.trial.report(score.item(), step=pl_module.current_epoch)
+
+
+class Objective:
+    """A worker's objective for study.optimize: runs one trial and prints one line about it. Remembers a stop
+    signal that ended a trial, after which the worker stops."""
+
+    def __init__(self, sweep: Sweep) -> None:
+        self.sweep = sweep
+        self.stop: int | None = None
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        sweep = self.sweep
+        run = runs_dir(sweep.root) / run_name(trial.number)
+        try:
+            attrs = {"pid": os.getpid(), "process_space": process_space(), "host": socket.gethostname()}
+            for key, value in (attrs | {"command": sweep.command, "run": str(run)}).items():
+                trial.set_user_attr(key, value)
+            settings = suggest(trial, sweep.space)
+            try:
+                outcome = fit_trial(trial, sweep, settings)
+            except Stopped as stop:  # before the fit took over the stop signals, or after it gave them back
+                lost = f"stopped by {signal.Signals(stop.signum).name} outside its fit"
+                outcome = Outcome(f"lost: {lost}", {"lost": lost, "steps": 0, "seconds": 0.0}, stop=stop.signum)
+            for key, value in outcome.attrs.items():
+                trial.set_user_attr(key, value)
+        except UpdateFinishedTrialError:
+            print(
+                f"trial {trial.number} discarded: the study marked it failed while its worker was silent for more "
+                f"than {sweep.grace_period} s (paused or cut off); its run stays in {run}",
+                flush=True,
+            )
+            raise Discarded from None
+        steps, seconds = outcome.attrs["steps"], outcome.attrs["seconds"]
+        print(f"trial {trial.number} {outcome.line} ({describe(settings)}; {steps} steps, {seconds:.1f} s)", flush=True)
+        self.stop = outcome.stop
+        if outcome.pruned is not None:
+            raise outcome.pruned
+        if outcome.value is None:
+            raise TrialFailed(outcome.line)
+        return outcome.value
+
+
+def fit_trial(trial: optuna.Trial, sweep: Sweep, settings: dict[str, Any]) -> Outcome:
+    """The trial's fit, its output kept in its run folder's sweep.log rather than mixed into the sweep's."""
+    name = run_name(trial.number)
+    run = runs_dir(sweep.root) / name
+    watch = TrialWatch()
+    output = io.StringIO()
+    # A fit stops at a step boundary on SIGTERM and SIGINT; its handlers stay behind when it ends: put back the
+    # worker's, which stop it between fits.
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    stop = None
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output), ExitStack() as cleanup:
+            cli = DynnetCLI(
+                args=[*base_args(sweep, name), *fit_flags(settings)],
+                cleanup=cleanup,
+                callbacks=[Pruning(trial, monitor=sweep.objective), watch],
+            )
+            metrics = cli.model.evaluate(*next(iter(cli.datamodule.val_dataloader())))
+        value = float(metrics[sweep.objective.partition("/")[2]])
+        if not math.isfinite(value):
+            raise TrialFailed(f"{sweep.objective} is {value}")
+        stop = cli.model.stop_signal  # arrived after the last step: the trial is complete, the worker stops
+        result = {"result": cli.model.model.formula()}
+        outcome = Outcome(f"complete: {sweep.objective} {value:.6g}", result, value=value, stop=stop)
+    except optuna.TrialPruned as pruned:
+        reported = watch.trainer.callback_metrics.get(sweep.objective) if watch.trainer is not None else None
+        line = f"pruned at step {_steps(watch)}" + (f": {sweep.objective} {float(reported):.6g}" if reported else "")
+        outcome = Outcome(line, {}, pruned=pruned)
+    except (Interrupted, SIGTERMException) as interrupted:
+        # Stopped from outside (Ctrl-C, SIGTERM, the sweep's end): the trial did not fail on its own, so it gets
+        # no reason and does not count; the worker stops.
+        stop = getattr(interrupted, "signum", signal.SIGTERM)
+        lost = f"stopped by {signal.Signals(stop).name} at step {_steps(watch)}"
+        outcome = Outcome(f"lost: {lost}", {"lost": lost}, stop=stop)
+    except UpdateFinishedTrialError:
+        raise  # reported to a trial another process failed meanwhile: the objective discards it
+    except Exception as err:
+        known = isinstance(err, (*USER_ERRORS, TrialFailed))
+        reason = one_line(err) if known else f"{type(err).__name__}: {one_line(err)}"
+        output.write(traceback.format_exc())
+        outcome = Outcome(f"failed: {reason}", {"reason": reason})
+    finally:
+        for signum, handler in handlers.items():
+            # Stopping, the worker tells the trial and ends: a second signal (Ctrl-C reaches every worker, and the
+            # sweep passes it on too) must not cut that short.
+            signal.signal(signum, handler if stop is None else signal.SIG_IGN)
+        if run.is_dir():
+            with contextlib.suppress(OSError):
+                (run / "sweep.log").write_text(output.getvalue())
+    outcome.attrs |= {"steps": _steps(watch), "seconds": round(time.perf_counter() - start, 3)}
+    return outcome
+
+
+def _steps(watch: TrialWatch) -> int:
+    return watch.trainer.global_step if watch.trainer is not None else 0

@@ -1,0 +1,225 @@
+"""dynnet-sweep's real sweeps of tiny fits in worker processes: states, report, trials.csv, sweep.png, run
+folders TensorBoard lists in order, the rerun command, optuna-dashboard, continued studies and dead workers."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import free_port
+from optuna.trial import TrialState
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_sweep import GRID, PRUNE_AT_THE_END, SEARCH, TINY_FIT, best_lines, load, rows, sweep_command, sweep_file
+
+from dynnet.module import DynamicNet
+from dynnet.sweep import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """The grid sweep, run once by the console script with two workers: (root, stdout)."""
+    folder = tmp_path_factory.mktemp("grid")
+    root = folder / "root"
+    done = subprocess.run(
+        sweep_command(str(sweep_file(folder / "grid.yaml", GRID)), "--workers", "2", "--root", str(root)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "Warning" not in done.stderr, done.stderr
+    return root, done.stdout
+
+
+def test_grid_sweep_prunes_fails_completes_and_reports(grid):
+    root, out = grid
+    study = load(root, "grid")
+    trials = study.get_trials()
+    by_lr = {lr: [t for t in trials if t.params["lr"] == lr] for lr in GRID["space"]["lr"]["choice"]}
+    assert len(trials) == 8 and all(len(group) == 2 for group in by_lr.values())
+    assert {t.state for t in by_lr[1.0e-3]} == {TrialState.FAIL}
+    assert all(t.user_attrs["reason"].startswith("training diverged at step ") for t in by_lr[1.0e-3])
+    assert {t.state for t in by_lr[1.0e-9]} == {TrialState.PRUNED}
+    assert {t.state for t in by_lr[1.0e-8] + by_lr[4.0e-8]} == {TrialState.COMPLETE}
+    # Both workers ran trials, each in its own process.
+    assert len({t.user_attrs["pid"] for t in trials}) == 2
+
+    table = rows(root)
+    assert [int(r["trial"]) for r in table] == [t.number for t in trials]
+    states = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
+    for row, trial in zip(table, trials):
+        assert row["state"] == states[trial.state]
+        assert row["best"] == ("best" if trial.number == study.best_trial.number else "")
+        assert float(row["lr"]) == trial.params["lr"] and int(row["seed"]) == trial.params["seed"]
+        assert Path(row["run"]) == root / "lightning_logs" / f"trial_{trial.number:04d}"
+        assert (Path(row["run"]) / "sweep.log").is_file()  # the fit's own output
+        if trial.state == TrialState.COMPLETE:
+            assert float(row["val/optimality_gap"]) == trial.value and int(row["steps"]) == 200
+        elif trial.state == TrialState.PRUNED:
+            assert int(row["steps"]) == 50 and float(row["val/optimality_gap"]) > GRID["pruner"]["upper"]
+        else:
+            assert row["val/optimality_gap"] == "" and row["reason"] == trial.user_attrs["reason"]
+    assert (root / "sweep.png").read_bytes().startswith(b"\x89PNG")
+
+    best, formula, _ = best_lines(out)
+    assert int(best.group(1)) == study.best_trial.number
+    assert f"{study.best_trial.value:.6g}" == best.group(3)
+    assert best.group(2) == f"lr={study.best_trial.params['lr']:.4g} seed={study.best_trial.params['seed']}"
+    checkpoint = Path(best.group(4)) / "checkpoints" / "last.ckpt"
+    assert formula == DynamicNet.load_from_checkpoint(checkpoint).model.formula()
+    assert "8 of 8 trials finished (4 complete, 2 pruned, 2 failed, 0 lost); this command ran 8" in out
+    assert out.count("failed: training diverged") == 2
+
+
+def test_tensorboard_lists_the_trials_in_order(grid):
+    root, _ = grid
+    runs = [p.name for p in (root / "lightning_logs").iterdir()]
+    # TensorBoard sorts runs by name: the names sort as the trial numbers do.
+    assert sorted(runs) == sorted(runs, key=lambda name: int(name.removeprefix("trial_")))
+    assert sorted(runs) == [f"trial_{n:04d}" for n in range(8)]
+    for run in runs:  # each with its settings in the HPARAMS tab, so that trials compare there
+        events = EventAccumulator(str(root / "lightning_logs" / run))
+        assert "_hparams_/session_start_info" in events.Reload().PluginTagToContent("hparams")
+
+
+def test_the_rerun_command_reproduces_the_best_trial(grid):
+    root, out = grid
+    best, formula, rerun = best_lines(out)
+    run = f"trial_{int(best.group(1)):04d}"
+    assert rerun.startswith(f"dynnet fit -c {root / 'lightning_logs' / run / 'config.yaml'} ")
+    # As printed, with this environment's dynnet on the PATH.
+    environment = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(shlex.split(rerun), capture_output=True, text=True, env=environment, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"Result: {formula}\n" in done.stdout
+    assert (root / "rerun" / "lightning_logs" / run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_optuna_dashboard_shows_the_study_with_its_objective(grid):
+    pytest.importorskip("optuna_dashboard")
+    root, out = grid
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("optuna-dashboard")), f"sqlite:///{root / 'study.db'}"]
+        + ["--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as answer:
+                    studies = json.load(answer)["study_summaries"]
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.3)
+        (summary,) = [s for s in studies if s["study_name"] == "grid"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=5) as answer:
+            detail = json.load(answer)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert detail["objective_names"] == ["val/optimality_gap"]
+    assert len(detail["trials"]) == 8
+    best, _, _ = best_lines(out)
+    assert [t["number"] for t in detail["best_trials"]] == [int(best.group(1))]
+
+
+def test_rerun_continues_the_study_and_fails_a_dead_trial(tmp_path, capfd):
+    root = tmp_path / "root"
+    config = sweep_file(tmp_path / "search.yaml", SEARCH, pruner=PRUNE_AT_THE_END)
+    main([str(config), "--workers", "1", "--trials", "3", "--root", str(root)])
+    first = load(root, "search").get_trials()
+    # A pruner that would stop every trial at its last validation: each trained every step, so each is complete.
+    assert [(t.state, t.user_attrs["steps"]) for t in first] == [(TrialState.COMPLETE, 200)] * 3
+    assert all(t.last_step == 3 for t in first)  # the last validation's value is reported all the same
+
+    # A worker on another machine died mid-trial: its trial stays RUNNING until its heartbeat goes stale.
+    dead = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, optuna\n"
+            "storage = optuna.storages.RDBStorage(sys.argv[1], heartbeat_interval=1)\n"
+            "study = optuna.load_study(study_name='search', storage=storage)\n"
+            "study.optimize(lambda trial: time.sleep(600), n_trials=1)\n",
+            f"sqlite:///{root / 'study.db'}",
+        ]
+    )
+    deadline = time.monotonic() + 60
+    while len(load(root, "search").get_trials(states=(TrialState.RUNNING,))) == 0:
+        assert time.monotonic() < deadline and dead.poll() is None
+        time.sleep(0.2)
+    dead.kill()
+    dead.wait()
+    capfd.readouterr()
+
+    main([str(config), "--workers", "1", "--trials", "5", "--root", str(root)])
+    out = capfd.readouterr().out
+    trials = load(root, "search").get_trials()
+    assert [(t.number, t.params, t.state) for t in trials[:3]] == [(t.number, t.params, t.state) for t in first]
+    lost = trials[3]
+    assert lost.state == TrialState.FAIL and "reason" not in lost.user_attrs  # failed, and not counted
+    assert len(trials) == 6 and all(t.state.is_finished() for t in trials)
+    assert "5 of 5 trials finished" in out and "1 lost); this command ran 2" in out
+    assert rows(root)[3]["state"] == "lost" and rows(root)[3]["reason"].startswith("lost: ")
+
+    # Run again with the same total: nothing left to do.
+    main([str(config), "--workers", "1", "--trials", "5", "--root", str(root)])
+    out = capfd.readouterr().out
+    assert "Workers:" not in out and "this command ran 0" in out
+    assert len(load(root, "search").get_trials()) == 6
+
+
+def test_killed_worker_fails_its_trial_and_the_sweep_goes_on(tmp_path):
+    root = tmp_path / "root"
+    # Trials of a second or two, so that the kill lands inside the trial found running. A long grace period: the
+    # trial must be failed because its process is gone, not because its heartbeat went stale.
+    config = sweep_file(
+        tmp_path / "search.yaml",
+        SEARCH,
+        fit_args=TINY_FIT | {"trainer.max_steps": 1000, "lr_scheduler.T_max": 1000},
+        grace_period=600,
+    )
+    sweep = subprocess.Popen(
+        sweep_command(str(config), "--workers", "2", "--trials", "3", "--root", str(root)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    victim = None
+    while victim is None:
+        assert time.monotonic() < deadline and sweep.poll() is None
+        time.sleep(0.2)
+        victim = next((t for t in running(root, "search") if "pid" in t.user_attrs), None)
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    out, err = sweep.communicate(timeout=180)
+    assert sweep.returncode == 0, err
+    assert f"(pid {victim.user_attrs['pid']}) was killed by SIGKILL; the others go on" in err
+    trials = load(root, "search").get_trials()
+    killed = trials[victim.number]
+    assert killed.state == TrialState.FAIL and "reason" not in killed.user_attrs
+    assert len(trials) == 4 and sum(t.state != TrialState.FAIL or "reason" in t.user_attrs for t in trials) == 3
+    assert all(t.state.is_finished() for t in trials)
+    assert "3 of 3 trials finished" in out and "1 lost); this command ran 4" in out
+    assert rows(root)[victim.number]["state"] == "lost"
+
+
+def running(root: Path, name: str) -> list[optuna.trial.FrozenTrial]:
+    """The study's running trials, once the sweep has created its study (a trial's run folder is there): opening
+    the database before would race the sweep creating its tables."""
+    if not list((root / "lightning_logs").glob("trial_*")):
+        return []
+    return load(root, name).get_trials(states=(TrialState.RUNNING,))
