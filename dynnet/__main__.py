@@ -1,3 +1,3 @@
-from dynnet.cli import main
+from dynnet.command import main
 
 main()

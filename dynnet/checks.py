@@ -3,6 +3,7 @@ the CLI's optimizer, callbacks that would fight the run folder it keeps, and cha
 What any fit refuses, however it is started, is in dynnet.steps and dynnet.limits."""
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,36 +15,35 @@ from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from dynnet.module import class_path, is_number
 
 
-def check_trainer_flags(trainer) -> None:
-    """Refuse, before anything starts, Trainer flags that cannot work here, or whose batch-counted meaning dynnet
-    cannot give in steps."""
+def check_trainer_flags(trainer, named: Callable[[str], str]) -> None:
+    """Refuse, before anything starts, Trainer flags that cannot work on this machine or with the CLI.
+    ``named(key)`` says where a setting came from: its flag, or the config file that set it."""
     if str(trainer.accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
         why = "this torch is a CPU build" if torch.version.cuda is None else "it sees no CUDA device"
         raise ValueError(
-            f"--trainer.accelerator {trainer.accelerator}: torch cannot use a GPU here ({why}); "
+            f"{named('trainer.accelerator')}: torch cannot use a GPU here ({why}); "
             "use --trainer.accelerator cpu (or auto)"
         )
     if trainer.max_steps is not None and trainer.max_steps < -1:
-        raise ValueError(f"--trainer.max_steps must be -1 (no limit) or a step count, got {trainer.max_steps}")
+        raise ValueError(f"{named('trainer.max_steps')}: give -1 (no limit) or a step count")
     every = trainer.check_val_every_n_epoch
     if every is not None and every < 1:
-        raise ValueError(f"--trainer.check_val_every_n_epoch must be at least 1 (or null), got {every}")
+        raise ValueError(f"{named('trainer.check_val_every_n_epoch')}: give at least 1 (or null)")
     if trainer.log_every_n_steps is not None and trainer.log_every_n_steps < 0:
-        raise ValueError(f"--trainer.log_every_n_steps must be 0 (no logging) or more, got {trainer.log_every_n_steps}")
+        raise ValueError(f"{named('trainer.log_every_n_steps')}: give 0 (no logging) or more")
     if str(trainer.strategy).startswith("ddp_spawn"):
         raise ValueError(
-            "--trainer.strategy ddp_spawn is not supported (the CLI's optimizer does not survive the spawn): use "
-            "ddp, which launches the processes itself, or torchrun"
+            f"{named('trainer.strategy')}: ddp_spawn is not supported (the CLI's optimizer does not survive the "
+            "spawn): use ddp, which launches the processes itself, or torchrun"
         )
     if trainer.gradient_clip_algorithm not in (None, "norm", "value"):
-        algorithm = trainer.gradient_clip_algorithm
-        raise ValueError(f"--trainer.gradient_clip_algorithm must be norm or value, got {algorithm}")
+        raise ValueError(f"{named('trainer.gradient_clip_algorithm')}: give norm or value")
 
 
-def check_optimizer(spec) -> None:
+def check_optimizer(spec, named: Callable[[str], str]) -> None:
     momentum = (spec.get("init_args") or Namespace()).get("momentum")
     if momentum is not None and not 0 <= momentum < 1:
-        raise ValueError(f"--optimizer.momentum must be in [0, 1), got {momentum}: at 1 or above every step grows")
+        raise ValueError(f"{named('optimizer.momentum')}: give a momentum in [0, 1); at 1 or above every step grows")
 
 
 def refuse_run_callbacks(callbacks: list[Callback]) -> None:

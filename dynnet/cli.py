@@ -15,8 +15,10 @@ import os
 import re
 import signal
 import sys
+import threading
 import warnings
 from contextlib import ExitStack
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +33,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.cli import ArgsType, LightningCLI, LRSchedulerTypeTuple
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim import Optimizer
 
@@ -44,6 +47,7 @@ from dynnet.checks import (
     last_step,
     refuse_run_callbacks,
 )
+from dynnet.command import LAUNCHER, STOP_SIGNALS
 from dynnet.data import SineData
 from dynnet.errors import USER_ERRORS, Interrupted, one_line
 from dynnet.module import DynamicNet, check_plateau, is_plain
@@ -60,6 +64,7 @@ from dynnet.run import (
 )
 from dynnet.steps import batch_steps, check_resumed_batches, validation_steps
 from dynnet.tensorboard import TensorBoardExtras
+from dynnet.yaml_files import MAX_BYTES, MAX_VALUES, expanded_size, load_yaml
 
 # Lightning's informational lines (accelerator availability, advertising, "fit stopped", restore notices) would
 # interleave with the progress display; dynnet prints what a run did itself. Warnings still show.
@@ -100,6 +105,9 @@ def _ignore_warnings(fit: bool) -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
+# How long the processes of a DDP run wait for each other: far more than a step or a checkpoint takes.
+DDP_TIMEOUT = timedelta(seconds=60)
+
 # The tutorial's optimizer, used when a config names none.
 TUTORIAL_OPTIMIZER = {"class_path": "torch.optim.SGD", "init_args": {"lr": 1e-8, "momentum": 0.9}}
 
@@ -116,15 +124,24 @@ class QuietProfiler(PassThroughProfiler):
 
 class DynnetCLI(LightningCLI):
     def __init__(
-        self, args: ArgsType = None, cleanup: ExitStack | None = None, callbacks: list[Callback] | None = None
+        self,
+        args: ArgsType = None,
+        cleanup: ExitStack | None = None,
+        callbacks: list[Callback] | None = None,
+        hparams_experiment: bool = True,
     ) -> None:
         """
         Args:
             args: Command-line arguments; ``sys.argv[1:]`` when None.
             cleanup: Receives what must be undone when the command ends, however it ends (the run's lock).
             callbacks: Extra callbacks for the trainer, for programs that drive dynnet (the sweep's pruning).
+            hparams_experiment: Whether the run writes TensorBoard's HPARAMS experiment (its columns); a program
+                that writes one for many runs (the sweep) turns it off.
         """
+        self.hparams_experiment = hparams_experiment
         self.cleanup = cleanup if cleanup is not None else ExitStack()
+        for signum in STOP_SIGNALS:  # the fit's own handlers stop it at a step boundary; put back what was there
+            self.cleanup.callback(signal.signal, signum, signal.getsignal(signum))
         self.extra_callbacks = list(callbacks or [])
         self.args = list(sys.argv[1:] if args is None else args)
         _ignore_warnings(fit=True)
@@ -196,7 +213,9 @@ class DynnetCLI(LightningCLI):
     # ---------------------------------------------------------------------------------------------- parsing
 
     def parse_arguments(self, parser, args: ArgsType) -> None:
-        args = _with_default_optimizer(_join_negative_numbers(self.args), _config_files(self.args))
+        check_flag_values(self.args)
+        self.config_files = _config_files(self.args)
+        args = _with_default_optimizer(_join_negative_numbers(self.args), self.config_files)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -214,7 +233,8 @@ class DynnetCLI(LightningCLI):
                 spec = config[key]
                 given = {k: v for k, v in vars(spec.get("init_args") or Namespace()).items() if k in explicit}
                 spec.init_args = Namespace(_class_defaults(spec.class_path) | given)
-        config.trainer.default_root_dir = str(Path(config.trainer.default_root_dir or os.getcwd()).expanduser())
+        root = Path(config.trainer.default_root_dir or os.getcwd()).expanduser()
+        config.trainer.default_root_dir = str(root.absolute())  # so that every path a run prints is absolute
         # Resolved and checked here, before LightningCLI reads the checkpoint's hyper-parameters into the config.
         self.resume: dict | None = None
         if config.ckpt_path:
@@ -222,10 +242,11 @@ class DynnetCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         self.run_path: Path | None = None
+        self.run_lock: RunLock | None = None  # held by the process that writes the run
         config = self.config[self.subcommand]
         trainer = config.trainer
-        check_trainer_flags(trainer)
-        check_optimizer(config.optimizer)
+        check_trainer_flags(trainer, self._named)
+        check_optimizer(config.optimizer, self._named)
         if trainer.gradient_clip_val is not None:
             # Lightning's Trainer clips only under automatic optimization; DynamicNet clips in its step loop.
             config.model.gradient_clip_val = trainer.gradient_clip_val
@@ -242,11 +263,29 @@ class DynnetCLI(LightningCLI):
             check_output_path(given, inputs=[config.ckpt_path, *(str(c) for c in config.get("config") or [])])
             config.predictions.path = str(Path(given).expanduser())
 
+    def _named(self, key: str) -> str:
+        """A setting as the user gave it: ``--key value``, or ``key: value (in FILE)`` when a config file set it."""
+        value = self.config[self.subcommand]
+        for part in key.split("."):
+            if isinstance(value, Namespace) and part not in value and "init_args" in value:
+                value = value.init_args  # a class's argument
+            value = value.get(part) if isinstance(value, Namespace) else None
+        value = getattr(value, "class_path", value)  # a class given as a Namespace: its name
+        if not any(t == f"--{key}" or t.startswith(f"--{key}=") for t in self.args):
+            for path, content in reversed(self.config_files.items()):
+                node = content
+                for part in key.split("."):
+                    node = node.get(part) if isinstance(node, dict) else None
+                    node = node.get("init_args", node) if isinstance(node, dict) and "class_path" in node else node
+                if node is not None:
+                    return f"{key}: {value} (in {path})"
+        return f"--{key} {value}"
+
     def _resolve_checkpoint(self, config, subcommand: str) -> str:
         """The checkpoint file --ckpt_path means, checked against the configured model (and, for fit, the run)."""
         root, name = config.trainer.default_root_dir, config.run
         if config.ckpt_path == "last":
-            path = last_checkpoint(find_run(root, name))
+            path = last_checkpoint(find_run(root, name), named=name is not None)
         elif config.ckpt_path == "best":
             run = find_run(root, name)
             best = sorted((run / "checkpoints").glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
@@ -265,6 +304,8 @@ class DynnetCLI(LightningCLI):
                     f"checkpoint {path} holds a model with {key}={trained[key]}, "
                     f"but the configured model has {key}={config.model[key]}"
                 )
+        if subcommand != "fit":
+            print(f"Checkpoint: {path} at step {checkpoint['global_step']}", flush=True)
         if subcommand == "fit":
             check_resumable(path, checkpoint, config)
             data_state = checkpoint.get(SineData.__qualname__)
@@ -279,7 +320,7 @@ class DynnetCLI(LightningCLI):
         """Create the run folder for a fresh fit, or take the resumed checkpoint's, and lock it (rank 0 only)."""
         if config.run is not None and (config.run in ("", ".", "..") or "/" in config.run or os.sep in config.run):
             raise ValueError(f"--run must be a plain folder name, got {config.run!r}")
-        if not _is_rank_zero():
+        if not _is_global_zero(config.trainer):
             # Processes Lightning launches for DDP run this command again: they work in rank 0's folder, which
             # rank 0 also broadcasts once the processes are connected. Only rank 0 writes into it.
             self.run_path = Path(os.environ.get("DYNNET_RUN") or runs_dir(config.trainer.default_root_dir))
@@ -298,10 +339,15 @@ class DynnetCLI(LightningCLI):
             made = [p for p in (root, *root.parents) if not p.exists()]  # folders this run would be the first in
             run = create_run(root, config.run)
             self.cleanup.callback(_discard_if_unused, run, made)
-        lock = RunLock(run)
+        lock = self.run_lock = RunLock(run)
         self.cleanup.callback(lock.release)
         self.run_path = run
-        os.environ["DYNNET_RUN"] = str(run)
+        if config.trainer.devices not in (1, "1") or config.trainer.num_nodes != 1:
+            # For the processes Lightning launches for DDP, which run this command again: rank 0's run and
+            # process (see dynnet.command). Kept for this command only.
+            for key, value in (("DYNNET_RUN", str(run)), (LAUNCHER, str(os.getpid()))):
+                os.environ[key] = value
+                self.cleanup.callback(os.environ.pop, key, None)
         # A logger given in the config without a version logs into this run's version, so that a resumed run
         # continues its curves rather than opening a new version.
         loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
@@ -357,16 +403,29 @@ class DynnetCLI(LightningCLI):
                 run.parent.parent, name=run.parent.name, version=run.name, default_hp_metric=False
             )
         if fit and trainer_config.get("logger") not in (None, False):
-            callbacks.append(TensorBoardExtras())
+            callbacks.append(TensorBoardExtras(experiment=self.hparams_experiment))
         trainer_config["callbacks"] = callbacks
+        if trainer_config.get("strategy") == "ddp":
+            # A process that dies or is stopped while the others wait for it (at start-up, in a step's all-reduce)
+            # ends the run within this time, rather than torch's 30 minutes.
+            trainer_config["strategy"] = DDPStrategy(timeout=DDP_TIMEOUT)
         trainer_config["plugins"] = [*_as_list(trainer_config.get("plugins")), SafeCheckpointIO()]
-        earlier = run / "metrics.csv" if run is not None and self.resume is not None and _is_rank_zero() else None
+        earlier = run / "metrics.csv" if run is not None and self.resume is not None and self.run_lock else None
         if earlier is not None and earlier.is_file():
             # Lightning's CSVLogger deletes the metrics.csv it finds in its folder; keep the run's history.
             earlier.rename(run / f"metrics-until-step{self.resume['step']}.csv")
         if trainer_config.get("profiler") is None and not barebones:
             trainer_config["profiler"] = QuietProfiler()
         return self.trainer_class(**(trainer_config | kwargs))
+
+    def fit(self, **kwargs: Any) -> None:
+        try:
+            self.trainer.fit(**kwargs)
+        except OSError as err:
+            if err.filename is not None or self.run_path is None:
+                raise
+            # TensorBoard's writer fails without saying where (a full disk): name the run it writes into.
+            raise OSError(err.errno, err.strerror, str(self.run_path)) from None
 
     def before_fit(self) -> None:
         if self.resume is not None:
@@ -389,6 +448,9 @@ class DynnetCLI(LightningCLI):
 
 def main(args: ArgsType = None) -> None:
     """Run the command line; ``args`` stands in for ``sys.argv[1:]`` so tests and scripts can call it directly."""
+    # TensorBoard writes its events in a thread of its own, which prints a traceback when a write fails (a full
+    # disk); the same error reaches the fit at its next write, and the line below.
+    threading.excepthook = _quiet_write_errors
     with ExitStack() as cleanup:
         # Lightning leaves a DDP process group open; torch's gloo threads can abort the interpreter's exit
         # ("terminate called without an active exception") unless it is destroyed first.
@@ -411,6 +473,26 @@ def main(args: ArgsType = None) -> None:
                 raise
             cleanup.close()
             sys.exit(f"dynnet: error: {one_line(err)}")
+        except RuntimeError as err:
+            if os.environ.get("DYNNET_DEBUG") or not _lost_peer(err):
+                raise
+            cleanup.close()
+            reason = re.sub(r"^\[[^]]*\] *", "", one_line(err))  # gloo's source location
+            sys.exit(f"dynnet: error: a process of this distributed run stopped or cannot be reached: {reason}")
+
+
+def _quiet_write_errors(args: threading.ExceptHookArgs) -> None:
+    if not issubclass(args.exc_type, OSError):
+        threading.__excepthook__(args)
+
+
+def _lost_peer(err: RuntimeError) -> bool:
+    """Whether err is a distributed run's failure to reach another process: torch's distributed errors, and gloo's
+    and NCCL's, which torch raises as plain RuntimeErrors naming their library."""
+    distributed = torch.distributed.is_available()
+    return distributed and (
+        isinstance(err, torch.distributed.DistError) or any(s in str(err) for s in ("gloo", "NCCL"))
+    )
 
 
 def _end_process_group() -> None:
@@ -452,10 +534,22 @@ def _discard_if_unused(run: Path, made: list[Path]) -> None:
                 folder.rmdir()
 
 
-def _is_rank_zero() -> bool:
-    """Whether this process is global rank 0, from what launchers (torchrun, SLURM, Lightning's DDP) set."""
-    keys = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "GROUP_RANK")
-    return all(os.environ.get(key, "0") == "0" for key in keys)
+def _is_global_zero(trainer) -> bool:
+    """Whether this process is the fit's global rank 0, as Lightning's cluster environment says for the configured
+    devices, nodes and strategy: a rank variable left in a shell by another job means nothing to a fit of one
+    process. Asked of a Trainer made for that question alone, before the run's own exists."""
+    strategy = trainer.strategy if isinstance(trainer.strategy, str) else "auto"
+    probe = Trainer(
+        accelerator=trainer.accelerator if isinstance(trainer.accelerator, str) else "auto",
+        devices=trainer.devices,
+        num_nodes=trainer.num_nodes,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return probe.is_global_zero
 
 
 def _class_defaults(class_path: str) -> dict[str, Any]:
@@ -468,16 +562,13 @@ def _class_defaults(class_path: str) -> dict[str, Any]:
 
 
 def _config_files(args: list[str]) -> dict[str, Any]:
-    """The YAML config files args name, loaded, after checking what the parser would report without the file's
-    name: an empty file, or a section that is not a mapping."""
+    """The YAML config files args name, loaded within bounds, after checking what the parser would report without
+    the file's name: an empty file, or a section that is not a mapping."""
     files = {}
     for flag, value in zip(args, args[1:]):
         if flag not in ("-c", "--config") or not Path(value).is_file():
             continue  # a missing file is reported by the parser, with its name
-        try:
-            content = yaml.safe_load(Path(value).read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"config file {value} is not valid YAML: {' '.join(str(err).split())}") from None
+        content = load_yaml(value)
         if content is None:
             raise ValueError(f"config file {value} is empty")
         if not isinstance(content, dict):
@@ -490,6 +581,20 @@ def _config_files(args: list[str]) -> dict[str, Any]:
                 )
         files[value] = content
     return files
+
+
+def check_flag_values(args: list[str]) -> None:
+    """Refuse a flag's value that is a YAML bomb (aliases that expand without end) or megabytes long, before the
+    parser reads it as YAML."""
+    for token in args:
+        value = token.partition("=")[2] if token.startswith("--") and "=" in token else token
+        if len(value) > MAX_BYTES:
+            raise ValueError(
+                f"the value {value[:40]!r}... holds {len(value)} characters, more than a config's {MAX_BYTES}"
+            )
+        with contextlib.suppress(yaml.YAMLError, RecursionError):  # not YAML: the parser says what is wrong with it
+            if "&" in value and expanded_size(yaml.safe_load(value), {}) > MAX_VALUES:
+                raise ValueError(f"the value {value[:40]!r}... was refused: its YAML aliases expand without end")
 
 
 def _with_default_optimizer(args: list[str], configs: dict[str, Any]) -> list[str]:

@@ -15,11 +15,14 @@ class DivergenceError(RuntimeError):
 
 
 class Interrupted(Exception):
-    """Training stopped at a step boundary because the process was sent a stop signal (SIGTERM, SIGINT, SIGHUP)."""
+    """A stop signal (SIGTERM, SIGINT, SIGHUP) stopped the command: training at a step boundary, or the command
+    before training started (``step`` None)."""
 
-    def __init__(self, signum: int, step: int) -> None:
+    def __init__(self, signum: int, step: int | None) -> None:
         self.signum, self.step = signum, step
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        where = f"at step {step}" if step is not None else "before training started"
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
+
 
 
 # Errors that a user's input, files or a run's numbers cause: shown as one line unless DYNNET_DEBUG is set.

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from dynnet.checkpoint import load_checkpoint
@@ -62,7 +63,9 @@ class DynamicNet(LightningModule):
             raise ValueError(f"gradient_clip_val must be a finite number of at least 0, got {gradient_clip_val!r}")
         if gradient_clip_algorithm not in ("norm", "value"):
             raise ValueError(f"gradient_clip_algorithm must be norm or value, got {gradient_clip_algorithm!r}")
-        self.save_hyperparameters()
+        # The model's hyper-parameters: what a checkpoint needs to rebuild it. Clipping is how one fit trains, and a
+        # resumed fit takes it from its own settings (LightningCLI would otherwise restore the checkpoint's).
+        self.save_hyperparameters(ignore=["gradient_clip_val", "gradient_clip_algorithm"])
         self.model = DynamicPolynomial(min_degree, max_degree)
         self.automatic_optimization = False  # the step loop drives the optimizer, through Lightning's public API
         self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm
@@ -102,11 +105,21 @@ class DynamicNet(LightningModule):
         # set up or written: dynnet's refusals come from here, the same one line whoever built the Trainer. It
         # adds no callbacks: dynnet's defaults are the `dynnet` command's, visible and replaceable.
         trainer = self.trainer
+        # Lightning's rank_zero_only guards (the loggers' writes among them) take a rank from the environment when
+        # they are imported, and only its distributed strategies correct it: a RANK or LOCAL_RANK left in a shell
+        # by another job would silence a fit of one process. The Trainer knows the rank.
+        rank_zero_only.rank = trainer.global_rank
         data = trainer.datamodule
         if trainer.state.fn in (TrainerFn.FITTING, TrainerFn.PREDICTING) and not isinstance(data, SineData):
             raise ValueError("DynamicNet trains and predicts on SineData's batches: pass datamodule=SineData(...)")
         dtype = training_dtype(trainer.precision)
         model = self.model
+        coefficients = model.min_degree + 2
+        if isinstance(data, SineData) and data.n_points < coefficients:
+            raise ValueError(
+                f"data.n_points is {data.n_points}, fewer than the model's {coefficients} coefficients: the expected "
+                "loss then has no single optimum to measure the fit against; use more points"
+            )
         if trainer.state.fn == TrainerFn.FITTING:
             refuse_unsupported(trainer)
             validation_steps(trainer, data.steps_per_epoch)  # refuses an interval that cannot be
@@ -395,7 +408,7 @@ class DynamicNet(LightningModule):
         checkpoint = load_checkpoint(checkpoint_path, map_location or "cpu", strict=strict is not False)
         hparams = dict(checkpoint["hyper_parameters"])
         if hparams_file is not None:
-            given = load_yaml(hparams_file)
+            given = load_yaml(hparams_file, "hparams_file")
             if not isinstance(given, dict):
                 raise ValueError(f"hparams_file {hparams_file} should map hyper-parameters to values")
             hparams |= given

@@ -2,8 +2,9 @@
 
 Runs live in ``<default_root_dir>/lightning_logs/<name>``, where TensorBoard finds them: ``version_N`` by default,
 or a name given with ``--run``. A fresh fit creates a new folder (never reuses one); a resumed fit continues in
-the folder its checkpoint lies in. While a process trains into a run it holds an OS lock on ``run.lock``, which
-the kernel releases when the process dies, however it dies.
+the folder its checkpoint lies in. While a process trains into a run it holds an OS lock on the run folder itself,
+which the kernel releases when the process dies, however it dies; ``run.lock`` records who holds it and when it
+started, which makes the run the newest.
 """
 
 import contextlib
@@ -20,6 +21,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 
 from dynnet.checkpoint import CheckpointError, write_atomically
+from dynnet.command import STOP_SIGNALS
 from dynnet.errors import Interrupted
 
 RUNS = "lightning_logs"  # Lightning's own folder name for runs, so `tensorboard --logdir <root>` finds them
@@ -63,17 +65,38 @@ def find_run(root: str | os.PathLike | None, name: str | None = None) -> Path:
         if not (parent / name).is_dir():
             raise RunError(f"there is no run {parent / name}")
         return parent / name
-    runs = [p for p in parent.iterdir() if (p / LOCK).is_file()] if parent.is_dir() else []
+    runs = newest_first(parent)
     if not runs:
         raise RunError(f"there is no run under {parent} to take the last checkpoint from")
-    return max(runs, key=lambda p: ((p / LOCK).stat().st_mtime_ns, p.name))
+    return runs[0]
 
 
-def last_checkpoint(run: Path) -> Path:
+def newest_first(parent: Path) -> list[Path]:
+    """The runs under parent, the one a process most recently started training in first. The start is what
+    run.lock records, not its modification time, which anything can change."""
+    runs = [p for p in parent.iterdir() if (p / LOCK).is_file()] if parent.is_dir() else []
+    return sorted(runs, key=lambda p: (started(p), p.name), reverse=True)
+
+
+def started(run: Path) -> int:
+    """When a process last started training in run (nanoseconds since the epoch), as run.lock records; 0 when it
+    records none."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int((run / LOCK).read_text().split()[1])
+    return 0
+
+
+def last_checkpoint(run: Path, named: bool = True) -> Path:
+    """A run's last checkpoint. When the run was taken as the newest (not named), a refusal names the newest run
+    that has one, so that `last` never silently means an older run."""
     path = run / "checkpoints" / LAST
-    if not path.is_file():
-        raise RunError(f"run {run} has no checkpoint yet ({path} does not exist): it stopped before its first save")
-    return path
+    if path.is_file():
+        return path
+    reason = f"run {run} has no checkpoint yet ({path} does not exist): it stopped before its first save"
+    others = [r.name for r in newest_first(run.parent) if r != run and (r / "checkpoints" / LAST).is_file()]
+    if not named and others:
+        reason += f"; the newest run with one is {others[0]}: add --run {others[0]}"
+    raise RunError(reason)
 
 
 def run_of(checkpoint: Path) -> Path | None:
@@ -82,23 +105,25 @@ def run_of(checkpoint: Path) -> Path | None:
 
 
 class RunLock:
-    """An exclusive lock on a run, held until ``release`` or the process's death; refused with a RunError naming
-    the holder's process id when another process holds it. Takes over from a killed holder: removes the
-    temporary files a kill mid-write leaves behind."""
+    """An exclusive lock on a run folder, held until ``release`` or the process's death; refused with a RunError
+    naming the holder's process id when another process holds it. The lock is on the folder itself, so deleting a
+    file cannot admit a second writer. Takes over from a killed holder: removes the temporary files a kill
+    mid-write leaves behind."""
 
     def __init__(self, run: Path) -> None:
         self.run = run
-        self.descriptor = os.open(run / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        self.descriptor: int | None = os.open(run, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             fcntl.flock(self.descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(self.descriptor, 64).decode(errors="replace").strip() or "unknown"
-            os.close(self.descriptor)
-            raise RunError(
-                f"run {run} is in use by process {holder}: wait for it to finish, or start a new run"
-            ) from None
-        os.ftruncate(self.descriptor, 0)
-        os.pwrite(self.descriptor, f"{os.getpid()}\n".encode(), 0)  # also marks this run as the newest
+            self.release()
+            holder = "another process"
+            with contextlib.suppress(OSError, IndexError):
+                holder = f"process {(run / LOCK).read_text().split()[0]}"
+            raise RunError(f"run {run} is in use by {holder}: wait for it to finish, or start a new run") from None
+        # Who holds the run, and since when: the start makes this the newest run for --ckpt_path last.
+        record = f"{os.getpid()} {time.time_ns()}\n".encode()
+        write_atomically(run / LOCK, lambda file: file.write(record))
         for leftover in [*run.glob(".*.tmp"), *run.glob("checkpoints/.*.tmp")]:
             leftover.unlink()
 
@@ -113,9 +138,9 @@ class Run(Checkpoint):
 
     - writes the run's config (config.yaml; config-step<N>.yaml for a resumed run);
     - saves ``last.ckpt``, the run's latest state, after every validation of the fit, at the end of training and
-      where SIGTERM or SIGINT stopped it; and, unless the user gives a ModelCheckpoint, ``best-step=<N>.ckpt``,
+      where SIGTERM, SIGINT or SIGHUP stopped it; and, unless the user gives a ModelCheckpoint, ``best-step=<N>.ckpt``,
       the state with the lowest ``val/expected_loss`` so far;
-    - stops training on SIGTERM or SIGINT at the next step boundary;
+    - stops training on SIGTERM, SIGINT or SIGHUP at the next step boundary;
     - logs the evaluation at the step where a signal stopped the fit;
     - moves a resumed run's checkpoint bookkeeping to where its folder is now, and removes files a kill left;
     - prints the resume point, the training speed, the tutorial's Result line and where the logs are.
@@ -148,7 +173,6 @@ class Run(Checkpoint):
         self.best_score: float | None = None
         self.resumed_at: int | None = None
         self.saved_step: int | None = None
-        self.handlers: dict[int, object] = {}
 
     @property
     def checkpoints(self) -> Path:
@@ -265,15 +289,8 @@ class Run(Checkpoint):
             trainer.save_checkpoint(path, weights_only=False)  # every process calls it; rank 0 writes
 
     def _handle_signals(self, pl_module: LightningModule) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous = signal.signal(signum, lambda signum, frame: _request_stop(pl_module, signum))
-            self.handlers.setdefault(signum, previous)  # what was there before the fit
-
-    def restore_signal_handlers(self) -> None:
-        """Put back the handlers the process had before the fit; `dynnet` calls it when the command ends, after
-        Lightning's teardown (which reinstates the handlers it found when it started training)."""
-        for signum, handler in self.handlers.items():
-            signal.signal(signum, handler)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, lambda signum, frame: _request_stop(pl_module, signum))
 
 
 def _request_stop(pl_module: LightningModule, signum: int) -> None:

@@ -40,7 +40,13 @@ class TensorBoardExtras(Callback):
     once per fit or once per validation.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, experiment: bool = True) -> None:
+        """
+        Args:
+            experiment: Write the HPARAMS tab's experiment (which settings and metrics are its columns). False
+                when one is written for many runs together (a sweep's root): TensorBoard shows only one.
+        """
+        self.experiment = experiment
         self.picture: FitPicture | None = None
         self.drawn_at: int | None = None  # the step of the latest fit image, or the step training started at
 
@@ -57,7 +63,8 @@ class TensorBoardExtras(Callback):
         experiment = experiment_summary(columns, ticked(settings), LINKED_METRICS)
         start = session_start_summary(settings)
         for writer in writers:
-            writer.file_writer.add_summary(experiment, 0)
+            if self.experiment:
+                writer.file_writer.add_summary(experiment, 0)
             writer.file_writer.add_summary(start, 0)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

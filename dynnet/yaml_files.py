@@ -17,19 +17,20 @@ MAX_BYTES = 1 << 20  # a config of settings is a few kilobytes; a megabyte is ge
 MAX_VALUES = 100_000  # values once aliases are expanded: the shipped configs hold about a hundred
 
 
-def load_yaml(path: str | os.PathLike) -> Any:
+def load_yaml(path: str | os.PathLike, what: str = "config file") -> Any:
     """The YAML document in a file, refused in one line if it is too large, invalid, or expands too far."""
     path = Path(path)
+    name = f"{what} {path}"
     try:
         size = path.stat().st_size
         if size > MAX_BYTES:
-            raise ValueError(f"{path} is {size} bytes, more than a config's {MAX_BYTES}")
+            raise ValueError(f"{name} is {size} bytes, more than a config's {MAX_BYTES}")
         text = path.read_text()
     except OSError as err:
-        raise ValueError(f"{path}: {err.strerror}") from None
+        raise ValueError(f"{name}: {err.strerror}") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not a text file") from None
-    return parse_yaml(text, str(path))
+        raise ValueError(f"{name} is not a text file") from None
+    return parse_yaml(text, name)
 
 
 def parse_yaml(text: str, name: str) -> Any:

@@ -29,15 +29,18 @@ def fit_error(tmp_path, capsys, *args: str) -> str:
     "args, message",
     [
         (["--trainer.accelerator", "gpu"], "--trainer.accelerator gpu: torch cannot use a GPU here"),
-        (["-c", str(ROOT / "configs" / "gpu.yaml")], "--trainer.accelerator gpu: torch cannot use a GPU here"),
-        (["--trainer.max_steps", "-5"], "--trainer.max_steps must be -1 (no limit) or a step count, got -5"),
-        (["--trainer.check_val_every_n_epoch", "0"], "--trainer.check_val_every_n_epoch must be at least 1"),
-        (["--optimizer.momentum", "5"], "--optimizer.momentum must be in [0, 1), got 5.0"),
-        (["--optimizer.momentum", "-0.5"], "--optimizer.momentum must be in [0, 1), got -0.5"),
+        (  # a value from a config file names the file, not a flag the user never typed
+            ["-c", str(ROOT / "configs" / "gpu.yaml")],
+            f"trainer.accelerator: gpu (in {ROOT / 'configs' / 'gpu.yaml'}): torch cannot use a GPU here",
+        ),
+        (["--trainer.max_steps", "-5"], "--trainer.max_steps -5: give -1 (no limit) or a step count"),
+        (["--trainer.check_val_every_n_epoch", "0"], "--trainer.check_val_every_n_epoch 0: give at least 1"),
+        (["--optimizer.momentum", "5"], "--optimizer.momentum 5.0: give a momentum in [0, 1)"),
+        (["--optimizer.momentum", "-0.5"], "--optimizer.momentum -0.5: give a momentum in [0, 1)"),
         (["--run", "a/b"], "--run must be a plain folder name, got 'a/b'"),
         (["--ckpt_path", "hpc"], "--ckpt_path hpc is not supported by dynnet: use last, best or a path"),
         (["--trainer.val_check_interval", "500"], "val_check_interval 500 is longer than an epoch"),
-        (["--trainer.log_every_n_steps", "-1"], "--trainer.log_every_n_steps must be 0 (no logging) or more"),
+        (["--trainer.log_every_n_steps", "-1"], "--trainer.log_every_n_steps -1: give 0 (no logging) or more"),
         (["--predictions.path", "out/"], None),
     ],
 )
@@ -218,16 +221,16 @@ def test_a_fit_too_big_for_memory_is_refused_with_the_estimate(tmp_path, capsys)
 
 @pytest.mark.slow
 def test_a_hundred_million_points_train_in_bounded_memory(tmp_path):
+    # Memory only: how long it takes depends on the machine's load (scripts/benchmark.py times it).
     code = (
-        "import resource, sys, time\n"
+        "import resource, sys\n"
         "from dynnet.cli import main\n"
-        "start = time.perf_counter()\n"
         "main(['fit', '--data.n_points', '100000000', '--trainer.max_steps', '2', '--trainer.enable_progress_bar',"
         " 'false', '--trainer.default_root_dir', sys.argv[1]])\n"
-        "print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    seconds, peak_gib = (float(v) for v in out.stdout.strip().splitlines()[-1].split())
-    assert peak_gib < 12 and seconds < 60, (seconds, peak_gib)
+    peak_gib = float(out.stdout.strip().splitlines()[-1])
+    assert peak_gib < 12, peak_gib
     assert load_checkpoint(last(tmp_path))["global_step"] == 2

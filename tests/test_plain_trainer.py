@@ -336,9 +336,10 @@ def test_load_from_checkpoint_takes_lightnings_arguments(tmp_path, checkpoint):
     loaded = DynamicNet.load_from_checkpoint(path, map_location="cpu", strict=True, weights_only=True)
     assert torch.equal(loaded.model.flat(), trained.model.flat())
     hparams = tmp_path / "hparams.yaml"
-    hparams.write_text("gradient_clip_val: 0.25\n")
-    assert DynamicNet.load_from_checkpoint(path, hparams_file=hparams).gradient_clip_val == 0.25
-    assert DynamicNet.load_from_checkpoint(path, hparams_file=hparams, gradient_clip_val=0.5).gradient_clip_val == 0.5
+    hparams.write_text("max_degree: 6\ngradient_clip_val: 0.25\n")
+    from_file = DynamicNet.load_from_checkpoint(path, hparams_file=hparams)
+    assert (from_file.model.max_degree, from_file.gradient_clip_val) == (6, 0.25)
+    assert DynamicNet.load_from_checkpoint(path, hparams_file=hparams, max_degree=4).model.max_degree == 4
     # strict=False: a model with another min_degree takes the coefficients the two share.
     partial = DynamicNet.load_from_checkpoint(path, min_degree=4, strict=False)
     assert torch.equal(partial.model.coefficients[3], trained.model.coefficients[3])

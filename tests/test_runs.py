@@ -164,7 +164,7 @@ def test_a_second_writer_is_refused_while_the_first_trains(tmp_path):
     first = subprocess.Popen([sys.executable, "-m", "dynnet", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     run = run_dir(tmp_path)
     try:
-        while (run / "run.lock").read_text().strip() != str(first.pid):
+        while (run / "run.lock").read_text().split()[:1] != [str(first.pid)]:
             assert first.poll() is None, first.stderr.read()
             time.sleep(0.05)
         second = dynnet(*args)
@@ -172,7 +172,7 @@ def test_a_second_writer_is_refused_while_the_first_trains(tmp_path):
         assert second.stderr.strip() == f"dynnet: error: run {run} is in use by process {first.pid}: wait for it to " \
             "finish, or start a new run"  # fmt: skip
         assert first.poll() is None  # the first goes on
-        assert (run / "run.lock").read_text().strip() == str(first.pid)
+        assert (run / "run.lock").read_text().split()[0] == str(first.pid)
     finally:
         first.kill()
         first.wait()

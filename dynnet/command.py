@@ -1,0 +1,46 @@
+"""The `dynnet` command's entry point: from its first moment, a stop signal ends it with its line.
+
+Importing torch and Lightning takes seconds. Until training starts (where the run's own handlers stop it at a
+step boundary and save), SIGTERM, SIGINT or SIGHUP print `stopped by SIG... before training started` and exit
+with 128 + the signal's number, through every cleanup on the way: the run's lock is released and a run folder
+this command created, still empty, is removed.
+"""
+
+import ctypes
+import os
+import signal
+import sys
+from contextlib import ExitStack
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Set by a fit's rank 0 for the processes Lightning launches for DDP: its process id.
+LAUNCHER = "DYNNET_LAUNCHER_PID"
+
+
+def main(args: list[str] | None = None) -> None:
+    with ExitStack() as handlers:
+        for signum in STOP_SIGNALS:
+            handlers.callback(signal.signal, signum, signal.signal(signum, _stop))
+        _end_with_launcher()
+        # torch's C++ warnings print stack frames of their own (a DDP peer that went away prints dozens of lines);
+        # dynnet reports such a failure in one line. Set before torch is imported, which reads it once.
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        from dynnet.cli import main as run  # the heavy imports, now that a signal is handled
+
+        run(args)
+
+
+def _stop(signum: int, frame) -> None:
+    print(f"stopped by {signal.Signals(signum).name} before training started", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
+def _end_with_launcher() -> None:
+    """In a process that rank 0 launched for DDP: be killed when rank 0 ends, however it ends, rather than wait
+    for it in a rendezvous that never comes. Rank 0 reports why the run stopped."""
+    launcher = os.environ.get(LAUNCHER)
+    if not launcher or int(launcher) == os.getpid() or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != int(launcher):  # it ended before the line above took effect
+        raise SystemExit(f"dynnet: error: rank 0 (process {launcher}) ended before this process started")

@@ -1,0 +1,279 @@
+"""Runs under hostile conditions: odd environments, a deleted or touched lock, early and late signals, config
+bombs, dying DDP peers, a full disk. Each with real processes and real files."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, TINY, error_of, last, result, run_dir
+
+from dynnet.checkpoint import load_checkpoint
+from dynnet.cli import main
+from dynnet.yaml_files import MAX_VALUES
+
+DEFAULT = str(ROOT / "configs" / "default.yaml")
+# Long enough to be stopped, killed or locked while it trains: epochs of 100 steps, never finished.
+ENDLESS = ["-c", DEFAULT, *TINY, "--trainer.max_steps", "1000000"]
+
+
+def dynnet(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dynnet", *args], capture_output=True, text=True, env=env, **kwargs)
+
+
+def start(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dynnet", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def wait_for(condition, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------------------------------------ environment
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variable", ["LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "RANK"])
+def test_a_leftover_rank_variable_changes_nothing(tmp_path, variable):
+    env = os.environ | {variable: "1"}
+    runs = [dynnet("fit", "-c", DEFAULT, *TINY, "--trainer.default_root_dir", str(tmp_path), env=env) for _ in "ab"]
+    for finished in runs:
+        assert finished.returncode == 0 and "Traceback" not in finished.stderr, finished.stderr[-2000:]
+    # Two runs, each with its own folder, lock, checkpoints and logs.
+    for name in ("version_0", "version_1"):
+        assert load_checkpoint(last(tmp_path, name))["global_step"] == 200
+        assert list(run_dir(tmp_path, name).glob("events.out.tfevents.*"))
+
+
+# ------------------------------------------------------------------------------------------------ the lock
+
+
+@pytest.mark.slow
+def test_deleting_the_lock_file_does_not_admit_a_second_writer(tmp_path, fit):
+    fit("-c", DEFAULT, *TINY)
+    run = run_dir(tmp_path)
+    args = ["fit", *ENDLESS, "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path)]
+    first = start(*args)
+    try:
+        wait_for(lambda: (run / "run.lock").read_text().split()[:1] == [str(first.pid)], first)
+        (run / "run.lock").unlink()
+        second = dynnet(*args)
+        assert second.returncode == 1
+        assert second.stderr.strip() == f"dynnet: error: run {run} is in use by another process: wait for it to " \
+            "finish, or start a new run"  # fmt: skip
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_last_is_the_run_started_last_whatever_the_files_times(tmp_path, fit, capsys):
+    fit("-c", DEFAULT, *TINY, "--run", "older")
+    fit("-c", DEFAULT, *TINY, "--run", "newer")
+    future = time.time_ns() + 10**12
+    os.utime(run_dir(tmp_path, "older") / "run.lock", ns=(future, future))  # touched "in the future"
+    main(["validate", "-c", DEFAULT, "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path)])
+    assert f"Checkpoint: {last(tmp_path, 'newer')} at step 200" in capsys.readouterr().out
+
+
+def test_last_never_silently_means_a_run_without_a_checkpoint(tmp_path, fit, capsys):
+    fit("-c", DEFAULT, *TINY)  # version_0, with its checkpoints
+    # A run that diverged before its first checkpoint: it has a config, logs and a lock, no checkpoint.
+    error = error_of(["fit", "-c", DEFAULT, *TINY, "--optimizer.lr", "1", "--trainer.default_root_dir",
+                      str(tmp_path)], capsys)  # fmt: skip
+    assert "training diverged" in error
+    assert not (run_dir(tmp_path, "version_1") / "checkpoints" / "last.ckpt").exists()
+    error = error_of(["fit", "-c", DEFAULT, *TINY, "--ckpt_path", "last", "--trainer.default_root_dir",
+                      str(tmp_path)], capsys)  # fmt: skip
+    assert error.endswith("it stopped before its first save; the newest run with one is version_0: add --run version_0")
+
+
+# ------------------------------------------------------------------------------------------------ signals
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_before_training_prints_its_line_and_leaves_nothing(tmp_path, signum):
+    for delay in (0.05, 1.0):  # while Python imports torch and Lightning; while the fit sets up
+        process = start("fit", *ENDLESS, "--trainer.default_root_dir", str(tmp_path))
+        time.sleep(delay)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 128 + signum
+        assert err.strip().splitlines()[-1] == f"stopped by {signal.Signals(signum).name} before training started"
+    assert not (tmp_path / "lightning_logs").exists() or not list((tmp_path / "lightning_logs").iterdir())
+
+
+@pytest.mark.slow
+def test_sigterm_the_moment_the_run_is_locked(tmp_path):
+    process = start("fit", *ENDLESS, "--trainer.default_root_dir", str(tmp_path))
+    wait_for(lambda: list(tmp_path.glob("lightning_logs/*/run.lock")), process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and err.strip().splitlines()[-1].startswith("stopped by SIGTERM")
+    runs = (tmp_path / "lightning_logs").iterdir() if (tmp_path / "lightning_logs").exists() else []
+    assert [run for run in runs if not (run / "checkpoints").exists()] == []  # no run that `last` could take
+
+
+@pytest.mark.slow
+def test_sighup_saves_the_step_and_resumes_exactly(tmp_path):
+    steps = ["-c", DEFAULT, *TINY, "--trainer.max_steps", "3000"]
+    whole = dynnet("fit", *steps, "--trainer.default_root_dir", str(tmp_path / "whole"), check=True)
+    root = tmp_path / "hung-up"
+    process = start("fit", *steps, "--trainer.default_root_dir", str(root))
+    wait_for(lambda: last(root).exists(), process)
+    process.send_signal(signal.SIGHUP)
+    _, err = process.communicate(timeout=120)
+    step = load_checkpoint(last(root))["global_step"]
+    assert process.returncode == 129
+    assert err.strip().splitlines()[-1] == f"stopped by SIGHUP at step {step}; resume with --ckpt_path last"
+    resumed = dynnet("fit", *steps, "--ckpt_path", "last", "--trainer.default_root_dir", str(root), check=True)
+    assert result(resumed.stdout) == result(whole.stdout)
+
+
+# ------------------------------------------------------------------------------------------------ bounds
+
+
+def billion_laughs(levels: int = 9) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, levels):
+        lines.append(f"a{level}: &a{level} [{', '.join([f'*a{level - 1}'] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_bomb_is_refused_in_one_line(tmp_path, capsys):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(billion_laughs())
+    error = error_of(["fit", "-c", str(bomb), "--trainer.default_root_dir", str(tmp_path)], capsys)
+    assert error == f"dynnet: error: config file {bomb} was refused: with its aliases expanded it holds more than " \
+        f"{MAX_VALUES} values (a YAML bomb, or not a config)"  # fmt: skip
+    flow = "{" + billion_laughs().replace("\n", ", ").rstrip(", ") + "}"
+    error = error_of(["fit", f"--trainer.callbacks={flow}", "--trainer.default_root_dir", str(tmp_path)], capsys)
+    assert error.endswith("was refused: its YAML aliases expand without end")
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_an_enormous_value_gives_a_short_line(tmp_path, capsys):
+    huge = "x" * (45 << 20)
+    error = error_of(["fit", f"--trainer.callbacks={huge}", "--trainer.default_root_dir", str(tmp_path)], capsys)
+    assert len(error) < 500 and "more than a config's" in error
+
+
+def test_a_short_line_for_a_long_parser_error(tmp_path, capsys):
+    value = "[" + ", ".join(f'"callback_{i}"' for i in range(5000)) + "]"
+    error = error_of(["fit", f"--trainer.callbacks={value}", "--trainer.default_root_dir", str(tmp_path)], capsys)
+    assert len(error) < 500 and "\n" not in error
+
+
+def test_predict_refuses_more_points_than_memory_holds(tmp_path, capsys):
+    error = error_of(["predict", "--data.n_points", str(10**12), "--trainer.default_root_dir", str(tmp_path)], capsys)
+    assert error.startswith("dynnet: error: predicting 1000000000000 points needs about ")
+    assert error.endswith("GiB is available: use fewer points (data.n_points)")
+
+
+# ------------------------------------------------------------------------------------------------ one true line
+
+
+def test_too_few_points_for_the_model(tmp_path, capsys):
+    error = error_of(["fit", "--data.n_points", "2", "--trainer.default_root_dir", str(tmp_path)], capsys)
+    assert error == "dynnet: error: data.n_points is 2, fewer than the model's 5 coefficients: the expected loss " \
+        "then has no single optimum to measure the fit against; use more points"  # fmt: skip
+    assert not tmp_path.joinpath("lightning_logs").exists()
+
+
+def test_resuming_an_lr_0_run_with_another_lr(tmp_path, fit):
+    fit("-c", DEFAULT, *TINY, "--optimizer.lr", "0")
+    out, _ = fit("-c", DEFAULT, *TINY, "--optimizer.lr", "1e-8", "--trainer.max_steps", "300", "--ckpt_path", "last")
+    assert "Resumed with optimizer lr=1e-08 (the run had 0.0)" in out
+    assert load_checkpoint(last(tmp_path))["optimizer_states"][0]["param_groups"][0]["lr"] == 1e-8
+
+
+@pytest.mark.slow
+def test_a_full_disk_names_the_run_in_one_line(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("needs a small file system of its own (mount -t tmpfs, as root)")
+    try:
+        (disk / "filler").write_bytes(bytes(200_000))  # room for the run's start, not for its logs
+        out = dynnet("fit", "-c", DEFAULT, "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir",
+                     str(disk))  # fmt: skip
+        assert out.returncode == 1
+        assert out.stderr.strip().splitlines()[-1].endswith(": No space left on device")
+        assert "Traceback" not in out.stderr and str(disk / "lightning_logs") in out.stderr.splitlines()[-1]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+# ------------------------------------------------------------------------------------------------ what was used
+
+
+def test_evaluation_says_which_checkpoint_it_used(tmp_path, fit, capsys):
+    fit("-c", DEFAULT, *TINY)
+    [best] = (run_dir(tmp_path) / "checkpoints").glob("best-*.ckpt")
+    for command in ("validate", "test", "predict"):
+        main([command, "-c", DEFAULT, "--ckpt_path", "best", "--trainer.default_root_dir", str(tmp_path)])
+        assert f"Checkpoint: {best} at step {load_checkpoint(best)['global_step']}" in capsys.readouterr().out
+
+
+def test_the_logs_line_is_absolute_for_a_relative_root(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "-c", DEFAULT, *TINY, "--trainer.default_root_dir", "relative"])
+    assert f"Logs: {tmp_path / 'relative' / 'lightning_logs' / 'version_0'}\n" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ DDP peers
+
+
+DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+
+
+def children(process: subprocess.Popen) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return "zombie" not in open(f"/proc/{pid}/status").read()  # noqa: SIM115 - a one-off read
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_a_peer_killed_mid_training_ends_rank_0_with_one_line(tmp_path):
+    rank0 = start("fit", *ENDLESS, *DDP, "--trainer.default_root_dir", str(tmp_path))
+    wait_for(lambda: list(tmp_path.glob("lightning_logs/*/checkpoints/last.ckpt")), rank0)
+    os.kill(children(rank0)[0], signal.SIGKILL)
+    _, err = rank0.communicate(timeout=90)
+    assert rank0.returncode == 1
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        "dynnet: error: a process of this distributed run stopped or cannot be reached"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_rank_0_stopped_during_start_up_leaves_no_orphan(tmp_path):
+    rank0 = start("fit", *ENDLESS, *DDP, "--trainer.default_root_dir", str(tmp_path))
+    wait_for(lambda: children(rank0), rank0)
+    peers = children(rank0)
+    rank0.send_signal(signal.SIGTERM)
+    _, err = rank0.communicate(timeout=90)
+    assert rank0.returncode == 143 and "Traceback" not in err
+    deadline = time.monotonic() + 60
+    while any(alive(pid) for pid in peers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in peers)
