@@ -74,7 +74,8 @@ def find_run(root: str | os.PathLike | None, name: str | None = None) -> Path:
 def newest_first(parent: Path) -> list[Path]:
     """The runs under parent, the one a process most recently started training in first. The start is what
     run.lock records, not its modification time, which anything can change."""
-    runs = [p for p in parent.iterdir() if (p / LOCK).is_file()] if parent.is_dir() else []
+    folders = parent.iterdir() if parent.is_dir() else []
+    runs = [p for p in folders if (p / LOCK).is_file() or (p / "config.yaml").is_file()]
     return sorted(runs, key=lambda p: (started(p), p.name), reverse=True)
 
 

@@ -66,10 +66,11 @@ def test_deleting_the_lock_file_does_not_admit_a_second_writer(tmp_path, fit):
     try:
         wait_for(lambda: (run / "run.lock").read_text().split()[:1] == [str(first.pid)], first)
         (run / "run.lock").unlink()
-        second = dynnet(*args)
-        assert second.returncode == 1
-        assert second.stderr.strip() == f"dynnet: error: run {run} is in use by another process: wait for it to " \
-            "finish, or start a new run"  # fmt: skip
+        for resume in ("last", str(last(tmp_path))):
+            second = dynnet(*args, "--ckpt_path", resume)
+            assert second.returncode == 1
+            assert second.stderr.strip() == f"dynnet: error: run {run} is in use by another process: wait for it " \
+                "to finish, or start a new run"  # fmt: skip
         assert first.poll() is None
     finally:
         first.kill()
