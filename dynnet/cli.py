@@ -7,23 +7,17 @@ by the user's own. What a fit means in optimizer steps, and what it refuses, liv
 """
 
 import contextlib
-import enum
-import inspect
-import json
-import logging
 import os
 import re
 import signal
 import sys
 import threading
-import warnings
 from contextlib import ExitStack
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import (
@@ -37,17 +31,29 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim import Optimizer
 
+from dynnet.arguments import (
+    TUTORIAL_OPTIMIZER,
+    arguments_after_class_flag,
+    as_list,
+    check_flag_values,
+    class_defaults,
+    config_files,
+    describe,
+    join_negative_numbers,
+    with_default_optimizer,
+    writable,
+)
 from dynnet.callbacks import StepProgressBar
 from dynnet.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
 from dynnet.checks import (
     check_optimizer,
     check_resumable,
     check_trainer_flags,
-    import_class,
     last_step,
     refuse_run_callbacks,
 )
 from dynnet.command import LAUNCHER, STOP_SIGNALS
+from dynnet.console import ignore_warnings, lost_peer, quiet_write_errors
 from dynnet.data import SineData
 from dynnet.errors import USER_ERRORS, Interrupted, one_line
 from dynnet.module import DynamicNet, check_plateau, is_plain
@@ -57,59 +63,18 @@ from dynnet.run import (
     RunError,
     RunLock,
     create_run,
+    discard_if_unused,
     find_run,
+    is_global_zero,
     last_checkpoint,
     run_of,
     runs_dir,
 )
 from dynnet.steps import batch_steps, check_resumed_batches, validation_steps
 from dynnet.tensorboard import TensorBoardExtras
-from dynnet.yaml_files import MAX_BYTES, MAX_VALUES, expanded_size, load_yaml
-
-# Lightning's informational lines (accelerator availability, advertising, "fit stopped", restore notices) would
-# interleave with the progress display; dynnet prints what a run did itself. Warnings still show.
-logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
-logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
-logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
-# The seed is in the run's config.yaml; its "Seed set to" line would precede every one-line error.
-logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
-
-
-def _ignore_warnings(fit: bool) -> None:
-    """Lightning's warnings that do not apply to dynnet. Set when a command starts (not at import), so that they
-    hold inside warning contexts such as pytest's too."""
-    messages = [
-        # main() passes LightningCLI the arguments after joining negative numbers to their flags (see
-        # _join_negative_numbers); LightningCLI warns when it gets a list while sys.argv has arguments too.
-        "LightningCLI's args parameter is intended to run from within Python",
-        # Lightning's use of a deprecated torch API; nothing a dynnet user can act on.
-        ".*isinstance\\(treespec, LeafSpec\\)",
-        # DynamicNet's own configure_optimizers, the tutorial's SGD, is meant to give way to the config's optimizer.
-        "`DynamicNet.configure_optimizers` will be overridden by",
-        # ModelCheckpoint(every_n_train_steps) under manual optimization warns that it saves the state after the
-        # step: that is what dynnet means by step N.
-        "Using ModelCheckpoint with manual optimization and every_n_train_steps",
-        # A run folder holds the run's own files; loggers and checkpoints given into it are meant to share it.
-        "Checkpoint directory .* exists and is not empty",
-        "Experiment logs directory .* exists and is not empty",
-    ]
-    if not fit:
-        messages += [
-            # Evaluation needs only the weights; the run's callbacks that wrote the checkpoint do not apply.
-            "Be aware that when using `ckpt_path`, callbacks used to create",
-            # Evaluation has no logger on purpose; Lightning builds its printed results from logged metrics.
-            "You called `self.log\\(.*, logger=True\\)` but have no logger",
-        ]
-    for message in messages:
-        warnings.filterwarnings("ignore", message=message)
-
 
 # How long the processes of a DDP run wait for each other: far more than a step or a checkpoint takes.
 DDP_TIMEOUT = timedelta(seconds=60)
-
-# The tutorial's optimizer, used when a config names none.
-TUTORIAL_OPTIMIZER = {"class_path": "torch.optim.SGD", "init_args": {"lr": 1e-8, "momentum": 0.9}}
 
 
 class QuietProfiler(PassThroughProfiler):
@@ -144,7 +109,7 @@ class DynnetCLI(LightningCLI):
             self.cleanup.callback(signal.signal, signum, signal.getsignal(signum))
         self.extra_callbacks = list(callbacks or [])
         self.args = list(sys.argv[1:] if args is None else args)
-        _ignore_warnings(fit=True)
+        ignore_warnings(fit=True)
         super().__init__(
             DynamicNet,
             SineData,
@@ -202,10 +167,10 @@ class DynnetCLI(LightningCLI):
         if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             check_plateau(lr_scheduler)  # here, before the fit writes anything
         if trainer.is_global_zero and trainer.state.fn == "fit":
-            schedule = f"{_describe(lr_scheduler)} every {interval}" if lr_scheduler is not None else "none"
+            schedule = f"{describe(lr_scheduler)} every {interval}" if lr_scheduler is not None else "none"
             if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                schedule = f"{_describe(lr_scheduler)} after every validation"
-            print(f"Optimizer: {_describe(optimizer)}; lr_scheduler: {schedule}", flush=True)
+                schedule = f"{describe(lr_scheduler)} after every validation"
+            print(f"Optimizer: {describe(optimizer)}; lr_scheduler: {schedule}", flush=True)
         if lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": interval}}
@@ -214,8 +179,8 @@ class DynnetCLI(LightningCLI):
 
     def parse_arguments(self, parser, args: ArgsType) -> None:
         check_flag_values(self.args)
-        self.config_files = _config_files(self.args)
-        args = _with_default_optimizer(_join_negative_numbers(self.args), self.config_files)
+        self.config_files = config_files(self.args)
+        args = with_default_optimizer(join_negative_numbers(self.args), self.config_files)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -223,16 +188,16 @@ class DynnetCLI(LightningCLI):
         config = self.config[subcommand]
         if config.get("optimizer") is None:
             config.optimizer = Namespace(class_path=TUTORIAL_OPTIMIZER["class_path"])
-            config.optimizer.init_args = Namespace(_class_defaults("torch.optim.SGD") | TUTORIAL_OPTIMIZER["init_args"])
+            config.optimizer.init_args = Namespace(class_defaults("torch.optim.SGD") | TUTORIAL_OPTIMIZER["init_args"])
         # jsonargparse keeps a previous class's arguments when a flag names a new class (`-c default.yaml
         # --optimizer torch.optim.Adam` would train Adam at SGD's lr 1e-8). A class chosen by flag starts instead
         # from its own defaults, plus the arguments given after it.
         for key in ("optimizer", "lr_scheduler"):
-            explicit = _arguments_after_class_flag(self.args, key)
+            explicit = arguments_after_class_flag(self.args, key)
             if explicit is not None and config.get(key) is not None:
                 spec = config[key]
                 given = {k: v for k, v in vars(spec.get("init_args") or Namespace()).items() if k in explicit}
-                spec.init_args = Namespace(_class_defaults(spec.class_path) | given)
+                spec.init_args = Namespace(class_defaults(spec.class_path) | given)
         root = Path(config.trainer.default_root_dir or os.getcwd()).expanduser()
         config.trainer.default_root_dir = str(root.absolute())  # so that every path a run prints is absolute
         # Resolved and checked here, before LightningCLI reads the checkpoint's hyper-parameters into the config.
@@ -256,7 +221,7 @@ class DynnetCLI(LightningCLI):
             raise ValueError("--trainer.fast_dev_run checks a fresh run in a few steps; drop --ckpt_path")
         if self.subcommand == "fit" and not trainer.fast_dev_run:
             self._enter_run(config)
-        _ignore_warnings(fit=self.subcommand == "fit")
+        ignore_warnings(fit=self.subcommand == "fit")
         if self.subcommand == "predict":
             run = run_of(Path(config.ckpt_path)) if config.ckpt_path else None
             given = config.predictions.path or str((run or Path(trainer.default_root_dir)) / "predictions.csv")
@@ -320,7 +285,7 @@ class DynnetCLI(LightningCLI):
         """Create the run folder for a fresh fit, or take the resumed checkpoint's, and lock it (rank 0 only)."""
         if config.run is not None and (config.run in ("", ".", "..") or "/" in config.run or os.sep in config.run):
             raise ValueError(f"--run must be a plain folder name, got {config.run!r}")
-        if not _is_global_zero(config.trainer):
+        if not is_global_zero(config.trainer):
             # Processes Lightning launches for DDP run this command again: they work in rank 0's folder, which
             # rank 0 also broadcasts once the processes are connected. Only rank 0 writes into it.
             self.run_path = Path(os.environ.get("DYNNET_RUN") or runs_dir(config.trainer.default_root_dir))
@@ -338,7 +303,7 @@ class DynnetCLI(LightningCLI):
             root = Path(config.trainer.default_root_dir)
             made = [p for p in (root, *root.parents) if not p.exists()]  # folders this run would be the first in
             run = create_run(root, config.run)
-            self.cleanup.callback(_discard_if_unused, run, made)
+            self.cleanup.callback(discard_if_unused, run, made)
         lock = self.run_lock = RunLock(run)
         self.cleanup.callback(lock.release)
         self.run_path = run
@@ -361,7 +326,7 @@ class DynnetCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self.config[self.subcommand]
         trainer_config = dict(self.config_init[self.subcommand].trainer)
-        user_callbacks = _as_list(trainer_config.pop("callbacks"))
+        user_callbacks = as_list(trainer_config.pop("callbacks"))
         fit = self.subcommand == "fit"
         run = self.run_path
         fast_dev_run = bool(trainer_config.get("fast_dev_run"))
@@ -409,7 +374,7 @@ class DynnetCLI(LightningCLI):
             # A process that dies or is stopped while the others wait for it (at start-up, in a step's all-reduce)
             # ends the run within this time, rather than torch's 30 minutes.
             trainer_config["strategy"] = DDPStrategy(timeout=DDP_TIMEOUT)
-        trainer_config["plugins"] = [*_as_list(trainer_config.get("plugins")), SafeCheckpointIO()]
+        trainer_config["plugins"] = [*as_list(trainer_config.get("plugins")), SafeCheckpointIO()]
         earlier = run / "metrics.csv" if run is not None and self.resume is not None and self.run_lock else None
         if earlier is not None and earlier.is_file():
             # Lightning's CSVLogger deletes the metrics.csv it finds in its folder; keep the run's history.
@@ -442,7 +407,7 @@ class DynnetCLI(LightningCLI):
     def _config_yaml(self) -> str | None:
         if self.run_path is None:
             return None
-        config = _writable(self.config[self.subcommand].clone())
+        config = writable(self.config[self.subcommand].clone())
         return self._parser(self.subcommand).dump(config, skip_unset=False)
 
 
@@ -450,7 +415,7 @@ def main(args: ArgsType = None) -> None:
     """Run the command line; ``args`` stands in for ``sys.argv[1:]`` so tests and scripts can call it directly."""
     # TensorBoard writes its events in a thread of its own, which prints a traceback when a write fails (a full
     # disk); the same error reaches the fit at its next write, and the line below.
-    threading.excepthook = _quiet_write_errors
+    threading.excepthook = quiet_write_errors
     with ExitStack() as cleanup:
         # Lightning leaves a DDP process group open; torch's gloo threads can abort the interpreter's exit
         # ("terminate called without an active exception") unless it is destroyed first.
@@ -474,182 +439,13 @@ def main(args: ArgsType = None) -> None:
             cleanup.close()
             sys.exit(f"dynnet: error: {one_line(err)}")
         except RuntimeError as err:
-            if os.environ.get("DYNNET_DEBUG") or not _lost_peer(err):
+            if os.environ.get("DYNNET_DEBUG") or not lost_peer(err):
                 raise
             cleanup.close()
             reason = re.sub(r"^\[[^]]*\] *", "", one_line(err))  # gloo's source location
             sys.exit(f"dynnet: error: a process of this distributed run stopped or cannot be reached: {reason}")
 
 
-def _quiet_write_errors(args: threading.ExceptHookArgs) -> None:
-    if not issubclass(args.exc_type, OSError):
-        threading.__excepthook__(args)
-
-
-def _lost_peer(err: RuntimeError) -> bool:
-    """Whether err is a distributed run's failure to reach another process: torch's distributed errors, and gloo's
-    and NCCL's, which torch raises as plain RuntimeErrors naming their library."""
-    distributed = torch.distributed.is_available()
-    return distributed and (
-        isinstance(err, torch.distributed.DistError) or any(s in str(err) for s in ("gloo", "NCCL"))
-    )
-
-
 def _end_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-# -------------------------------------------------------------------------------------------------- checks
-
-
-def _as_list(value: Any) -> list:
-    """A Trainer argument that takes one object or a list of them, as a list."""
-    return list(value) if isinstance(value, list) else [] if value is None else [value]
-
-
-def _writable(value: Any) -> Any:
-    """value with what jsonargparse cannot write inside a callback's arguments (an enum such as Timer's interval,
-    a torch.device such as StochasticWeightAveraging's) as the text that parses back to it."""
-    if isinstance(value, Namespace):
-        for key, item in vars(value).items():
-            setattr(value, key, _writable(item))
-    elif isinstance(value, list):
-        return [_writable(v) for v in value]
-    elif isinstance(value, enum.Enum):
-        return value.name
-    elif isinstance(value, torch.device):
-        return str(value)
-    return value
-
-
-def _discard_if_unused(run: Path, made: list[Path]) -> None:
-    """Remove a run folder this command created when nothing but its lock was written into it, and the folders
-    above it that the command created (the runs folder, default_root_dir) when they are left empty."""
-    if [p.name for p in run.iterdir()] == ["run.lock"]:
-        (run / "run.lock").unlink()
-        run.rmdir()
-        for folder in [run.parent, *made]:
-            with contextlib.suppress(OSError):  # not empty: another run, or the user's files
-                folder.rmdir()
-
-
-def _is_global_zero(trainer) -> bool:
-    """Whether this process is the fit's global rank 0, as Lightning's cluster environment says for the configured
-    devices, nodes and strategy: a rank variable left in a shell by another job means nothing to a fit of one
-    process. Asked of a Trainer made for that question alone, before the run's own exists."""
-    strategy = trainer.strategy if isinstance(trainer.strategy, str) else "auto"
-    probe = Trainer(
-        accelerator=trainer.accelerator if isinstance(trainer.accelerator, str) else "auto",
-        devices=trainer.devices,
-        num_nodes=trainer.num_nodes,
-        strategy=strategy,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return probe.is_global_zero
-
-
-def _class_defaults(class_path: str) -> dict[str, Any]:
-    parameters = inspect.signature(import_class(class_path)).parameters.values()
-    return {
-        p.name: p.default
-        for p in parameters
-        if p.default is not inspect.Parameter.empty and p.name not in ("params", "optimizer")
-    }
-
-
-def _config_files(args: list[str]) -> dict[str, Any]:
-    """The YAML config files args name, loaded within bounds, after checking what the parser would report without
-    the file's name: an empty file, or a section that is not a mapping."""
-    files = {}
-    for flag, value in zip(args, args[1:]):
-        if flag not in ("-c", "--config") or not Path(value).is_file():
-            continue  # a missing file is reported by the parser, with its name
-        content = load_yaml(value)
-        if content is None:
-            raise ValueError(f"config file {value} is empty")
-        if not isinstance(content, dict):
-            raise ValueError(f"config file {value} should map settings to values, got {type(content).__name__}")
-        for section in ("model", "data", "trainer"):
-            if section in content and not isinstance(content[section], dict | None):
-                raise ValueError(
-                    f"config file {value}: {section} should map its settings to values (for example "
-                    f"{section}: {{{'max_degree: 5' if section == 'model' else '...'}}}), got {content[section]!r}"
-                )
-        files[value] = content
-    return files
-
-
-def check_flag_values(args: list[str]) -> None:
-    """Refuse a flag's value that is a YAML bomb (aliases that expand without end) or megabytes long, before the
-    parser reads it as YAML."""
-    for token in args:
-        value = token.partition("=")[2] if token.startswith("--") and "=" in token else token
-        if len(value) > MAX_BYTES:
-            raise ValueError(
-                f"the value {value[:40]!r}... holds {len(value)} characters, more than a config's {MAX_BYTES}"
-            )
-        with contextlib.suppress(yaml.YAMLError, RecursionError):  # not YAML: the parser says what is wrong with it
-            if "&" in value and expanded_size(yaml.safe_load(value), {}) > MAX_VALUES:
-                raise ValueError(f"the value {value[:40]!r}... was refused: its YAML aliases expand without end")
-
-
-def _with_default_optimizer(args: list[str], configs: dict[str, Any]) -> list[str]:
-    """args with the tutorial's optimizer chosen first when they set optimizer arguments but nothing chooses a
-    class: `dynnet fit --optimizer.lr 1e-7` means the tutorial's SGD at that lr."""
-    chooses = any(t.partition("=")[0] in ("--optimizer", "--optimizer.class_path") for t in args)
-    chooses |= any(content.get("optimizer") for content in configs.values())
-    first = next((i for i, t in enumerate(args) if t.startswith("--optimizer.")), None)
-    if chooses or first is None:
-        return args
-    tutorial = json.dumps(TUTORIAL_OPTIMIZER)
-    return [*args[:first], f"--optimizer={tutorial}", *args[first:]]
-
-
-def _join_negative_numbers(args: list[str]) -> list[str]:
-    """``--flag -1e-3`` as ``--flag=-1e-3``: argparse would take a negative number in e-notation for a flag."""
-    joined: list[str] = []
-    for token in args:
-        previous = joined[-1] if joined else ""
-        if re.fullmatch(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf", token) and previous.startswith("--"):
-            if "=" not in previous:
-                joined[-1] = f"{previous}={token}"
-                continue
-        joined.append(token)
-    return joined
-
-
-def _arguments_after_class_flag(args: list[str], key: str) -> set[str] | None:
-    """When args choose key's class by flag, the names of the arguments given for it after that flag; else None."""
-    explicit: set[str] | None = None
-    for i, token in enumerate(args):
-        name, _, value = token.partition("=")
-        if name in (f"--{key}", f"--{key}.class_path"):
-            explicit = set()
-            value = value or (args[i + 1] if i + 1 < len(args) else "")
-            if value.lstrip().startswith("{"):
-                with contextlib.suppress(yaml.YAMLError, AttributeError):
-                    explicit |= set(yaml.safe_load(value).get("init_args") or {})
-        elif explicit is not None and name.startswith(f"--{key}."):
-            explicit.add(name[len(key) + 3 :].removeprefix("init_args."))
-    return explicit
-
-
-def _describe(obj: object) -> str:
-    """``Class(arg=value, ...)``: an optimizer's or scheduler's lr and every argument it was given a value for
-    other than its class's default."""
-    parameters = inspect.signature(type(obj)).parameters.values()
-    names = [p.name for p in parameters if p.name not in ("params", "optimizer", "last_epoch", "verbose")]
-    defaults = _class_defaults(f"{type(obj).__module__}.{type(obj).__qualname__}")
-    values = dict(getattr(obj, "defaults", {})) or {k: getattr(obj, k) for k in names if hasattr(obj, k)}
-    shown = {
-        k: v for k, v in values.items() if k == "lr" or (k in names and defaults.get(k, inspect.Parameter.empty) != v)
-    }
-    return f"{type(obj).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
-
-
-if __name__ == "__main__":
-    main()

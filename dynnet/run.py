@@ -327,3 +327,32 @@ def _rebase(value, old: str, new: str):
     if isinstance(value, (list, tuple)):
         return type(value)(_rebase(v, old, new) for v in value)
     return value
+
+
+def discard_if_unused(run: Path, made: list[Path]) -> None:
+    """Remove a run folder this command created when nothing but its lock was written into it, and the folders
+    above it that the command created (the runs folder, default_root_dir) when they are left empty."""
+    if [p.name for p in run.iterdir()] == ["run.lock"]:
+        (run / "run.lock").unlink()
+        run.rmdir()
+        for folder in [run.parent, *made]:
+            with contextlib.suppress(OSError):  # not empty: another run, or the user's files
+                folder.rmdir()
+
+
+def is_global_zero(trainer) -> bool:
+    """Whether this process is the fit's global rank 0, as Lightning's cluster environment says for the configured
+    devices, nodes and strategy: a rank variable left in a shell by another job means nothing to a fit of one
+    process. Asked of a Trainer made for that question alone, before the run's own exists."""
+    strategy = trainer.strategy if isinstance(trainer.strategy, str) else "auto"
+    probe = Trainer(
+        accelerator=trainer.accelerator if isinstance(trainer.accelerator, str) else "auto",
+        devices=trainer.devices,
+        num_nodes=trainer.num_nodes,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return probe.is_global_zero

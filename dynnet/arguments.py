@@ -1,0 +1,140 @@
+"""The command line as `dynnet` reads it, around LightningCLI's parser: config files read within bounds, flags the
+parser would misread, the optimizer a command means, and how a chosen class or a value is shown."""
+
+import contextlib
+import enum
+import inspect
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from jsonargparse import Namespace
+
+from dynnet.checks import import_class
+from dynnet.module import TUTORIAL_LR, TUTORIAL_MOMENTUM
+from dynnet.yaml_files import MAX_BYTES, MAX_VALUES, expanded_size, load_yaml
+
+# The tutorial's optimizer, used when a config names none.
+TUTORIAL_OPTIMIZER = {"class_path": "torch.optim.SGD", "init_args": {"lr": TUTORIAL_LR, "momentum": TUTORIAL_MOMENTUM}}
+
+
+def config_files(args: list[str]) -> dict[str, Any]:
+    """The YAML config files args name, loaded within bounds, after checking what the parser would report without
+    the file's name: an empty file, or a section that is not a mapping."""
+    files = {}
+    for flag, value in zip(args, args[1:]):
+        if flag not in ("-c", "--config") or not Path(value).is_file():
+            continue  # a missing file is reported by the parser, with its name
+        content = load_yaml(value)
+        if content is None:
+            raise ValueError(f"config file {value} is empty")
+        if not isinstance(content, dict):
+            raise ValueError(f"config file {value} should map settings to values, got {type(content).__name__}")
+        for section in ("model", "data", "trainer"):
+            if section in content and not isinstance(content[section], dict | None):
+                raise ValueError(
+                    f"config file {value}: {section} should map its settings to values (for example "
+                    f"{section}: {{{'max_degree: 5' if section == 'model' else '...'}}}), got {content[section]!r}"
+                )
+        files[value] = content
+    return files
+
+
+def check_flag_values(args: list[str]) -> None:
+    """Refuse a flag's value that is a YAML bomb (aliases that expand without end) or megabytes long, before the
+    parser reads it as YAML."""
+    for token in args:
+        value = token.partition("=")[2] if token.startswith("--") and "=" in token else token
+        if len(value) > MAX_BYTES:
+            raise ValueError(
+                f"the value {value[:40]!r}... holds {len(value)} characters, more than a config's {MAX_BYTES}"
+            )
+        with contextlib.suppress(yaml.YAMLError, RecursionError):  # not YAML: the parser says what is wrong with it
+            if "&" in value and expanded_size(yaml.safe_load(value), {}) > MAX_VALUES:
+                raise ValueError(f"the value {value[:40]!r}... was refused: its YAML aliases expand without end")
+
+
+def with_default_optimizer(args: list[str], configs: dict[str, Any]) -> list[str]:
+    """args with the tutorial's optimizer chosen first when they set optimizer arguments but nothing chooses a
+    class: `dynnet fit --optimizer.lr 1e-7` means the tutorial's SGD at that lr."""
+    chooses = any(t.partition("=")[0] in ("--optimizer", "--optimizer.class_path") for t in args)
+    chooses |= any(content.get("optimizer") for content in configs.values())
+    first = next((i for i, t in enumerate(args) if t.startswith("--optimizer.")), None)
+    if chooses or first is None:
+        return args
+    tutorial = json.dumps(TUTORIAL_OPTIMIZER)
+    return [*args[:first], f"--optimizer={tutorial}", *args[first:]]
+
+
+def join_negative_numbers(args: list[str]) -> list[str]:
+    """``--flag -1e-3`` as ``--flag=-1e-3``: argparse would take a negative number in e-notation for a flag."""
+    joined: list[str] = []
+    for token in args:
+        previous = joined[-1] if joined else ""
+        if re.fullmatch(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf", token) and previous.startswith("--"):
+            if "=" not in previous:
+                joined[-1] = f"{previous}={token}"
+                continue
+        joined.append(token)
+    return joined
+
+
+def arguments_after_class_flag(args: list[str], key: str) -> set[str] | None:
+    """When args choose key's class by flag, the names of the arguments given for it after that flag; else None."""
+    explicit: set[str] | None = None
+    for i, token in enumerate(args):
+        name, _, value = token.partition("=")
+        if name in (f"--{key}", f"--{key}.class_path"):
+            explicit = set()
+            value = value or (args[i + 1] if i + 1 < len(args) else "")
+            if value.lstrip().startswith("{"):
+                with contextlib.suppress(yaml.YAMLError, AttributeError):
+                    explicit |= set(yaml.safe_load(value).get("init_args") or {})
+        elif explicit is not None and name.startswith(f"--{key}."):
+            explicit.add(name[len(key) + 3 :].removeprefix("init_args."))
+    return explicit
+
+
+def class_defaults(class_path: str) -> dict[str, Any]:
+    parameters = inspect.signature(import_class(class_path)).parameters.values()
+    return {
+        p.name: p.default
+        for p in parameters
+        if p.default is not inspect.Parameter.empty and p.name not in ("params", "optimizer")
+    }
+
+
+def describe(obj: object) -> str:
+    """``Class(arg=value, ...)``: an optimizer's or scheduler's lr and every argument it was given a value for
+    other than its class's default."""
+    parameters = inspect.signature(type(obj)).parameters.values()
+    names = [p.name for p in parameters if p.name not in ("params", "optimizer", "last_epoch", "verbose")]
+    defaults = class_defaults(f"{type(obj).__module__}.{type(obj).__qualname__}")
+    values = dict(getattr(obj, "defaults", {})) or {k: getattr(obj, k) for k in names if hasattr(obj, k)}
+    shown = {
+        k: v for k, v in values.items() if k == "lr" or (k in names and defaults.get(k, inspect.Parameter.empty) != v)
+    }
+    return f"{type(obj).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+def writable(value: Any) -> Any:
+    """value with what jsonargparse cannot write inside a callback's arguments (an enum such as Timer's interval,
+    a torch.device such as StochasticWeightAveraging's) as the text that parses back to it."""
+    if isinstance(value, Namespace):
+        for key, item in vars(value).items():
+            setattr(value, key, writable(item))
+    elif isinstance(value, list):
+        return [writable(v) for v in value]
+    elif isinstance(value, enum.Enum):
+        return value.name
+    elif isinstance(value, torch.device):
+        return str(value)
+    return value
+
+
+def as_list(value: Any) -> list:
+    """A Trainer argument that takes one object or a list of them, as a list."""
+    return list(value) if isinstance(value, list) else [] if value is None else [value]

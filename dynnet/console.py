@@ -1,0 +1,61 @@
+"""What a `dynnet` command prints: the Lightning lines and warnings it leaves out because dynnet says what a run
+did itself, and the failures it turns into one line."""
+
+import logging
+import threading
+import warnings
+
+import torch
+
+# Lightning's informational lines (accelerator availability, advertising, "fit stopped", restore notices) would
+# interleave with the progress display; dynnet prints what a run did itself. Warnings still show.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
+logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
+logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
+# The seed is in the run's config.yaml; its "Seed set to" line would precede every one-line error.
+logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+
+
+def ignore_warnings(fit: bool) -> None:
+    """Lightning's warnings that do not apply to dynnet. Set when a command starts (not at import), so that they
+    hold inside warning contexts such as pytest's too."""
+    messages = [
+        # main() passes LightningCLI the arguments after joining negative numbers to their flags (see
+        # dynnet.arguments.join_negative_numbers); LightningCLI warns when it gets a list while sys.argv has
+        # arguments too.
+        "LightningCLI's args parameter is intended to run from within Python",
+        # Lightning's use of a deprecated torch API; nothing a dynnet user can act on.
+        ".*isinstance\\(treespec, LeafSpec\\)",
+        # DynamicNet's own configure_optimizers, the tutorial's SGD, is meant to give way to the config's optimizer.
+        "`DynamicNet.configure_optimizers` will be overridden by",
+        # ModelCheckpoint(every_n_train_steps) under manual optimization warns that it saves the state after the
+        # step: that is what dynnet means by step N.
+        "Using ModelCheckpoint with manual optimization and every_n_train_steps",
+        # A run folder holds the run's own files; loggers and checkpoints given into it are meant to share it.
+        "Checkpoint directory .* exists and is not empty",
+        "Experiment logs directory .* exists and is not empty",
+    ]
+    if not fit:
+        messages += [
+            # Evaluation needs only the weights; the run's callbacks that wrote the checkpoint do not apply.
+            "Be aware that when using `ckpt_path`, callbacks used to create",
+            # Evaluation has no logger on purpose; Lightning builds its printed results from logged metrics.
+            "You called `self.log\\(.*, logger=True\\)` but have no logger",
+        ]
+    for message in messages:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def quiet_write_errors(args: threading.ExceptHookArgs) -> None:
+    if not issubclass(args.exc_type, OSError):
+        threading.__excepthook__(args)
+
+
+def lost_peer(err: RuntimeError) -> bool:
+    """Whether err is a distributed run's failure to reach another process: torch's distributed errors, and gloo's
+    and NCCL's, which torch raises as plain RuntimeErrors naming their library."""
+    distributed = torch.distributed.is_available()
+    return distributed and (
+        isinstance(err, torch.distributed.DistError) or any(s in str(err) for s in ("gloo", "NCCL"))
+    )
