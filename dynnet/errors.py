@@ -24,7 +24,6 @@ class Interrupted(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
 
 
-
 # Errors that a user's input, files or a run's numbers cause: shown as one line unless DYNNET_DEBUG is set.
 USER_ERRORS = (ValueError, ArgumentError, OSError, DivergenceError, MisconfigurationException)
 

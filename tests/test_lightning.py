@@ -382,7 +382,7 @@ def test_every_n_epochs_checkpoints(tmp_path):
 
 
 @pytest.mark.parametrize("bar", ["TQDMProgressBar", "RichProgressBar"])
-def test_lightnings_progress_bars_replace_dynnets(tmp_path, capsys, bar):
+def test_lightnings_progress_bars_replace_dynnets_and_count_steps(tmp_path, capsys, bar):
     if bar == "RichProgressBar":
         pytest.importorskip("rich")
     with ExitStack() as cleanup:
@@ -392,6 +392,7 @@ def test_lightnings_progress_bars_replace_dynnets(tmp_path, capsys, bar):
             cleanup=cleanup,
         )  # fmt: skip
     assert type(cli.trainer.progress_bar_callback).__name__ == bar
+    assert cli.datamodule.batch_steps == 1  # the bar counts batches: each one an optimizer step
     assert cli.trainer.global_step == 200
 
 
