@@ -92,6 +92,26 @@ def flip_in_pickle(path: Path):
     )
 
 
+def readers_errors(checkpoint, tmp_path, capsys) -> dict[str, str]:
+    """What each command that reads checkpoints (a resumed fit, validate, test, predict, dynnet-export) says of
+    checkpoint: its one error line, after the command's prefix, by command."""
+    errors = {}
+    for args in (
+        ["fit", *RESUME, "--ckpt_path", str(checkpoint)],
+        ["validate", "--ckpt_path", str(checkpoint)],
+        ["test", "--ckpt_path", str(checkpoint)],
+        ["predict", "--ckpt_path", str(checkpoint), "--predictions.path", str(tmp_path / "p.csv")],
+    ):
+        error = error_of([*args, "--trainer.default_root_dir", str(tmp_path / "root")], capsys)
+        assert error.startswith("dynnet: error: ") and "\n" not in error, error
+        errors[args[0]] = error.removeprefix("dynnet: error: ")
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([str(checkpoint), "-o", str(tmp_path / "polynomial.json")])
+    assert str(exit_info.value.code).startswith("dynnet-export: error: ")
+    errors["dynnet-export"] = str(exit_info.value.code).removeprefix("dynnet-export: error: ")
+    return errors
+
+
 @pytest.mark.parametrize("flip", [flip_in_tensor, flip_in_pickle], ids=["tensor-data", "data.pkl"])
 def test_one_flipped_bit_is_refused_by_every_reader(run_copy, tmp_path, capsys, flip):
     checkpoint = run_copy
@@ -99,20 +119,10 @@ def test_one_flipped_bit_is_refused_by_every_reader(run_copy, tmp_path, capsys, 
     changed_value = flip(checkpoint)
     # torch alone reads the changed file without complaint, and gets a different number
     assert changed_value(torch.load(checkpoint, weights_only=True)) != changed_value(original)
-    root = tmp_path / "root"
     before = snapshot(tmp_path)
     damaged = f"checkpoint {checkpoint} is damaged: its bytes changed after it was written (Bad CRC-32 for file "
-    for args in (
-        ["fit", *RESUME, "--ckpt_path", str(checkpoint)],
-        ["validate", "--ckpt_path", str(checkpoint)],
-        ["test", "--ckpt_path", str(checkpoint)],
-        ["predict", "--ckpt_path", str(checkpoint), "--predictions.path", str(tmp_path / "p.csv")],
-    ):
-        error = error_of([*args, "--trainer.default_root_dir", str(root)], capsys)
-        assert error.startswith(f"dynnet: error: {damaged}") and "\n" not in error, args[0]
-    with pytest.raises(SystemExit) as exit_info:
-        export_main([str(checkpoint), "-o", str(tmp_path / "polynomial.json")])
-    assert str(exit_info.value.code).startswith(f"dynnet-export: error: {damaged}")
+    for reader, error in readers_errors(checkpoint, tmp_path, capsys).items():
+        assert error.startswith(damaged), reader
     with pytest.raises(CheckpointError, match="its bytes changed after it was written"):
         DynamicNet.load_from_checkpoint(checkpoint)
     assert snapshot(tmp_path) == before  # nothing written: no run, no predictions, no JSON, no lock left
@@ -286,19 +296,9 @@ CONTENTS = {
 @pytest.mark.parametrize("change, reason", EVERY_READER.values(), ids=EVERY_READER.keys())
 def test_implausible_contents_are_refused_by_every_reader(run_copy, tmp_path, capsys, change, reason):
     checkpoint = crafted(run_copy, change)
-    root = tmp_path / "root"
     before = snapshot(tmp_path)
-    for args in (
-        ["fit", *RESUME, "--ckpt_path", str(checkpoint)],
-        ["validate", "--ckpt_path", str(checkpoint)],
-        ["test", "--ckpt_path", str(checkpoint)],
-        ["predict", "--ckpt_path", str(checkpoint), "--predictions.path", str(tmp_path / "p.csv")],
-    ):
-        error = error_of([*args, "--trainer.default_root_dir", str(root)], capsys)
-        assert error == f"dynnet: error: checkpoint {checkpoint} {reason}", args[0]
-    with pytest.raises(SystemExit) as exit_info:
-        export_main([str(checkpoint), "-o", str(tmp_path / "polynomial.json")])
-    assert exit_info.value.code == f"dynnet-export: error: checkpoint {checkpoint} {reason}"
+    for reader, error in readers_errors(checkpoint, tmp_path, capsys).items():
+        assert error == f"checkpoint {checkpoint} {reason}", reader
     with pytest.raises(CheckpointError) as refusal:
         DynamicNet.load_from_checkpoint(checkpoint)
     assert str(refusal.value) == f"checkpoint {checkpoint} {reason}"
