@@ -4,7 +4,6 @@ import inspect
 import math
 import numbers
 import os
-import signal
 from typing import Any, Literal
 
 import torch
@@ -16,7 +15,9 @@ from torch import Tensor
 
 from dynnet.checkpoint import load_checkpoint
 from dynnet.data import SineData, training_dtype
-from dynnet.errors import DivergenceError, Interrupted
+from dynnet.distributed import agreed_stop, sum_gradients
+from dynnet.divergence import check_finite
+from dynnet.errors import Interrupted
 from dynnet.limits import check_memory, check_numbers, prediction_bytes, training_bytes
 from dynnet.model import DynamicPolynomial, ExpectedLoss, polynomial
 from dynnet.steps import refuse_unsupported, validation_steps
@@ -181,7 +182,7 @@ class DynamicNet(LightningModule):
                     optimizer.zero_grad()
                     self.manual_backward(loss)
                     if distributed:
-                        stop = _sum_gradients(params, self.stop_signal)
+                        stop = sum_gradients(params, self.stop_signal)
                     evaluations.append(loss.detach())
                     return loss
 
@@ -196,7 +197,7 @@ class DynamicNet(LightningModule):
                     stop = self.stop_signal
                 if stop is not None:
                     break
-        self._check_finite(torch.stack(losses), first, x, y)
+        check_finite(self, torch.stack(losses), first, x, y)
         self.last_loss = losses[-1]
         if not self.trainer.barebones:  # which turns Lightning's logging off
             # The loss of the batch's last step, for callbacks (EarlyStopping, ModelCheckpoint) and progress bars;
@@ -219,7 +220,7 @@ class DynamicNet(LightningModule):
         stop = self.stop_signal
         if self.trainer.world_size > 1:  # a signal that came between steps reached only some processes
             flag = torch.tensor(float(stop or 0), device=self.device)
-            stop = _agreed_stop(stop, self.trainer.strategy.reduce(flag, reduce_op="sum"))
+            stop = agreed_stop(stop, self.trainer.strategy.reduce(flag, reduce_op="sum"))
         if stop is not None:
             raise Interrupted(stop, self.global_step)
 
@@ -246,39 +247,6 @@ class DynamicNet(LightningModule):
             metrics[f"degree/{degree}"] = count / total
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
-
-    def _check_finite(self, losses: Tensor, first: int, x: Tensor, y: Tensor) -> None:
-        finite = torch.isfinite(losses)
-        if bool(finite.all()) and bool(torch.isfinite(self.model.flat()).all()):
-            return
-        # All processes hold the same parameters, so they all stop here together.
-        bad = int((~finite).nonzero()[0]) if not bool(finite.all()) else len(losses) - 1
-        step = first + bad + 1
-        advice = self._divergence_advice(step, first, x, y)
-        raise DivergenceError(f"training diverged at step {step}: the loss became {losses[bad].item()}; {advice}")
-
-    def _divergence_advice(self, step: int, first: int, x: Tensor, y: Tensor) -> str:
-        """What to change: the learning rate only when an update can have caused the blow-up."""
-        optimizer = self.optimizers().optimizer
-        group = optimizer.param_groups[0]
-        lr = group["lr"]
-        dtype = self.model.shared.dtype
-        if lr == 0 or (step == 1 and first == 0):
-            return (
-                f"no update caused it (it happened {'with lr 0' if lr == 0 else 'at the first step'}): {dtype} "
-                f"overflows (its largest value is {torch.finfo(dtype).max:.3g}); train in float64 "
-                "(--trainer.precision 64-true), or use a smaller --model.max_degree or a narrower interval"
-            )
-        suggestion = lr / 10
-        if isinstance(optimizer, torch.optim.SGD):
-            # Gradient descent with heavy-ball momentum m is stable on this quadratic while lr * curvature stays
-            # below 2 (1 + m); a quarter of that bound leaves room for the switching between degrees.
-            quadratic = ExpectedLoss(x, y, self.model.min_degree, self.model.max_degree)
-            if self.trainer.world_size > 1:  # each process holds one slice of the points: the sums add
-                quadratic.gram = self.trainer.strategy.reduce(quadratic.gram, reduce_op="sum")
-            curvature = quadratic.largest_curvature()
-            suggestion = min(suggestion, 0.5 * (1 + group.get("momentum", 0)) / curvature)
-        return f"try a smaller learning rate, e.g. --optimizer.lr {_round_down(suggestion):g}"
 
     def _apply_changed_optimizer_arguments(self, trained: dict) -> None:
         """Apply the configured optimizer arguments that differ from the ones the checkpoint was trained with.
@@ -444,28 +412,6 @@ class DynamicNet(LightningModule):
         self.resumed_from = checkpoint["run_settings"]
 
 
-def _sum_gradients(params: list[Tensor], stop_signal: int | None) -> int | None:
-    """Make every process's gradient the full-batch one, and agree on whether to stop, in one all-reduce.
-
-    The loss is a sum over slices, so gradients add. A parameter the drawn degree leaves out (the shared one at
-    the lowest degree) has no gradient on any process, since all draw the same degree, and keeps none, so the
-    optimizer skips it as in one process. The last element carries the signal numbers processes received.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    flag = torch.tensor(float(stop_signal or 0), dtype=grads[0].dtype, device=grads[0].device)
-    flat = torch.stack([*grads, flag])
-    torch.distributed.all_reduce(flat)
-    for grad, total in zip(grads, flat):
-        grad.copy_(total)
-    return _agreed_stop(stop_signal, flat[-1])
-
-
-def _agreed_stop(own: int | None, received: Tensor) -> int | None:
-    """The signal to stop with, given the sum of the signal numbers all processes received (0: none did). A
-    process that got no signal itself stops as if terminated."""
-    return (own or signal.SIGTERM) if received.item() > 0 else None
-
-
 def check_plateau(scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau) -> None:
     """Refuse a ReduceLROnPlateau that could never lower the lr: torch skips a reduction smaller than its eps
     (1e-8 by default), and at the tutorial's lr of 1e-8 every reduction is smaller."""
@@ -481,12 +427,6 @@ def check_plateau(scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau) -> None
 
 def _plateau(config) -> bool:
     return isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-
-
-def _round_down(value: float) -> float:
-    """value rounded down to one significant digit, so a suggested learning rate reads as a plain number."""
-    exponent = math.floor(math.log10(value))
-    return math.floor(value / 10**exponent) * 10**exponent
 
 
 def class_path(cls: type) -> str:
