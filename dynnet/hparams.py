@@ -77,16 +77,17 @@ def ticked(settings: Collection[str]) -> list[str]:
 
 
 def experiment_summary(
-    settings: Mapping[str, Sequence[Value]], marked: Collection[str], metrics: Sequence[str]
+    settings: Mapping[str, Sequence[Value] | None], marked: Collection[str], metrics: Sequence[str]
 ) -> Summary:
     """The HPARAMS columns: each setting with the values its runs take, typed from them (all numbers: a number,
-    all booleans: a boolean, else text), and the metrics TensorBoard shows beside them, read from each run's
-    scalars of that tag (their last values). The ``marked`` settings are marked as differing, which is what
-    makes TensorBoard list them first and tick them.
+    all booleans: a boolean, else text; None: text whose values are not listed, which TensorBoard offers no
+    filter for), and the metrics TensorBoard shows beside them, read from each run's scalars of that tag (their
+    last values). The ``marked`` settings are marked as differing, which is what makes TensorBoard list them
+    first and tick them.
 
-    For one run, the values are its own; for runs compared together (a sweep), all of theirs. TensorBoard uses
-    one experiment summary for its whole logdir: where several runs carry one, whichever its reader lists first,
-    which varies from one start of TensorBoard to the next.
+    For one run, the values are its own; for runs compared together (a sweep), every value they can take.
+    TensorBoard uses one experiment summary for its whole logdir: where several runs carry one, whichever its
+    reader lists first, which varies from one start of TensorBoard to the next.
     """
     infos = [_info(name, values, name in marked) for name, values in settings.items()]
     experiment = api_pb2.Experiment(
@@ -145,8 +146,10 @@ def _value(value: Any) -> Value:
     return str(value)  # a tuple or None as written; also a non-finite float, which TensorBoard's JSON cannot carry
 
 
-def _info(name: str, values: Sequence[Value], marked: bool) -> api_pb2.HParamInfo:
-    if all(isinstance(v, bool) for v in values):
+def _info(name: str, values: Sequence[Value] | None, marked: bool) -> api_pb2.HParamInfo:
+    if values is None:
+        kind, domain = api_pb2.DATA_TYPE_STRING, {}
+    elif all(isinstance(v, bool) for v in values):
         kind, domain = api_pb2.DATA_TYPE_BOOL, {"domain_discrete": _list(sorted(set(values)))}
     elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         interval = api_pb2.Interval(min_value=min(values), max_value=max(values))

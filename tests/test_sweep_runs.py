@@ -82,7 +82,7 @@ def test_grid_sweep_prunes_fails_completes_and_reports(grid):
 
 def test_tensorboard_lists_the_trials_in_order(grid):
     root, _ = grid
-    runs = [p.name for p in (root / "lightning_logs").iterdir()]
+    runs = [p.name for p in (root / "lightning_logs").iterdir() if p.is_dir()]  # beside the root's HPARAMS file
     # TensorBoard sorts runs by name: the names sort as the trial numbers do.
     assert sorted(runs) == sorted(runs, key=lambda name: int(name.removeprefix("trial_")))
     assert sorted(runs) == [f"trial_{n:04d}" for n in range(8)]

@@ -164,7 +164,7 @@ def test_a_plateau_schedule_is_listed_with_its_arguments(fit, tmp_path):
 def test_an_experiment_summary_spans_the_values_of_several_runs():
     # What a sweep's root would write: the columns for all trials, the swept settings marked.
     columns = {"optimizer": ["SGD", "Adam", "SGD"], "optimizer.lr": [1e-8, 0.1, 2e-8], "seed_everything": [0, 9, 4],
-               "nesterov": [True, False, True]}  # fmt: skip
+               "nesterov": [True, False, True], "data.seed": None}  # fmt: skip
     summary = experiment_summary(columns, ["optimizer", "optimizer.lr"], ["val/optimality_gap"])
     value = summary.value[0]
     assert value.tag == hparams_metadata.EXPERIMENT_TAG
@@ -179,6 +179,8 @@ def test_an_experiment_summary_spans_the_values_of_several_runs():
     seeds = infos["seed_everything"].domain_interval
     assert (seeds.min_value, seeds.max_value) == (0, 9)
     assert list(infos["nesterov"].domain_discrete) == [False, True]
+    # Values too many to list: text, with no domain (TensorBoard offers no filter for it).
+    assert infos["data.seed"].type == api_pb2.DATA_TYPE_STRING and infos["data.seed"].WhichOneof("domain") is None
     assert {name for name, info in infos.items() if info.differs} == {"optimizer", "optimizer.lr"}
     start = session_start_summary({"optimizer": "SGD", "seed_everything": 4, "nesterov": True}).value[0]
     values = hparams_metadata.parse_session_start_info_plugin_data(start.metadata.plugin_data.content).hparams

@@ -8,7 +8,8 @@ default, or any database Optuna supports, so the same command started again, or 
 same study until it holds ``--trials`` finished trials. The study records the experiment its trials run and
 refuses a sweep that would run another in it (study). At the end the command prints the best trial, its Result
 line and the command that reproduces it, and writes ``trials.csv`` and ``sweep.png`` into the sweep's root
-(report, picture).
+(report, picture). TensorBoard's HPARAMS tab on the root's ``lightning_logs`` is a table of the trials, its
+columns the swept settings (hparams).
 """
 
 from dynnet.sweep.command import main

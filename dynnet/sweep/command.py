@@ -10,9 +10,10 @@ import optuna
 from sqlalchemy.engine import make_url
 
 from dynnet.run import runs_dir
-from dynnet.sweep.config import DEFAULT_TRIALS, load_sweep
+from dynnet.sweep.config import DEFAULT_TRIALS, Sweep, load_sweep
 from dynnet.sweep.errors import PROG, Stopped, SweepError, raise_stopped
 from dynnet.sweep.fit import check_fit
+from dynnet.sweep.hparams import EXPERIMENT_FILE, write_experiment
 from dynnet.sweep.report import report
 from dynnet.sweep.storage import safe_url
 from dynnet.sweep.study import experiment, open_study, tally
@@ -100,6 +101,7 @@ def _sweep(flags: argparse.Namespace) -> None:
         sweep.root.mkdir(parents=True, exist_ok=True)  # before the study: the default SQLite file lives there
         study = open_study(sweep, record)
         finished, _ = tally(study)
+        _write_experiment(sweep)
     except (SweepError, Stopped) as err:
         _remove(made)  # a refused start leaves nothing behind
         if isinstance(err, Stopped):
@@ -122,13 +124,21 @@ def _sweep(flags: argparse.Namespace) -> None:
         sys.exit(f"{PROG}: error: the study is not finished ({reason}); run the same command again to continue it")
 
 
+def _write_experiment(sweep: Sweep) -> None:
+    try:
+        write_experiment(sweep)
+    except OSError as err:
+        raise SweepError(f"cannot write {runs_dir(sweep.root) / EXPERIMENT_FILE}: {err.strerror}") from None
+
+
 def _new_paths(root: Path, storage: str) -> list[Path]:
     """What opening the sweep will create: the SQLite file, when the storage is one that does not exist yet, then
-    the root and the folders above it that do not exist yet, deepest first."""
+    the HPARAMS experiment's events file, and the folders that do not exist yet, deepest first."""
     url = make_url(storage)  # checked by load_sweep
     database = Path(url.database).expanduser() if url.get_backend_name() == "sqlite" and url.database else None
     made = [database] if database is not None and not database.exists() else []
-    return made + [p for p in (root, *root.parents) if not p.exists()]
+    runs = runs_dir(root)
+    return made + [p for p in (runs / EXPERIMENT_FILE, runs, root, *root.parents) if not p.exists()]
 
 
 def _remove(paths: list[Path]) -> None:

@@ -11,6 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dynnet.sweep.config import Sweep
+from dynnet.sweep.hparams import write_experiment
 from dynnet.sweep.picture import plot
 from dynnet.sweep.space import describe, settings_of
 from dynnet.sweep.study import counts, fail_lost_trials
@@ -75,8 +76,8 @@ def rerun_command(run: Path) -> str:
 
 
 def report(study: optuna.Study, sweep: Sweep) -> bool:
-    """Print the study's counts and its best trial with its Result line and rerun command; write trials.csv and
-    sweep.png. Whether the study holds its total of finished trials."""
+    """Print the study's counts and its best trial with its Result line and rerun command; write trials.csv,
+    sweep.png and the TensorBoard HPARAMS experiment. Whether the study holds its total of finished trials."""
     fail_lost_trials(study)
     trials = study.get_trials(deepcopy=False)
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -84,6 +85,8 @@ def report(study: optuna.Study, sweep: Sweep) -> bool:
     columns, rows = trial_rows(trials, sweep.objective, best.number if best else None)
     csv_path, png_path = sweep.root / "trials.csv", sweep.root / "sweep.png"
     write_csv(csv_path, columns, rows)
+    # Written at the start; again only if it has gone since (deleted, or taken by another command stopped as it began).
+    write_experiment(sweep)
     plot(png_path, rows, sweep.objective, f"{sweep.study}: {sweep.objective} of each trial")
     tallies = {state: sum(row["state"] == state for row in rows) for state in ("complete", "pruned", "failed", "lost")}
     running = sum(row["state"] == "running" for row in rows)

@@ -25,6 +25,7 @@ from dynnet.run import runs_dir
 from dynnet.sweep.config import Sweep
 from dynnet.sweep.errors import Stopped
 from dynnet.sweep.fit import base_args, run_name
+from dynnet.sweep.hparams import TrialHparams
 from dynnet.sweep.space import describe, fit_flags, suggest
 from dynnet.sweep.study import process_space
 
@@ -131,10 +132,12 @@ def fit_trial(trial: optuna.Trial, sweep: Sweep, settings: dict[str, Any]) -> Ou
     start = time.perf_counter()
     try:
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output), ExitStack() as cleanup:
+            # The sweep's root holds the HPARAMS experiment of all trials; each trial writes only its row.
             cli = DynnetCLI(
                 args=[*base_args(sweep, name), *fit_flags(settings)],
                 cleanup=cleanup,
-                callbacks=[Pruning(trial, monitor=sweep.objective), watch],
+                callbacks=[Pruning(trial, monitor=sweep.objective), watch, TrialHparams(settings, sweep.space)],
+                hparams_experiment=False,
             )
             metrics = cli.model.evaluate(*next(iter(cli.datamodule.val_dataloader())))
         value = float(metrics[sweep.objective.partition("/")[2]])
