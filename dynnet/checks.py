@@ -1,18 +1,15 @@
 """What the `dynnet` command refuses before it builds anything: flags that cannot work on this machine or with
-the CLI's optimizer, callbacks that would fight the run folder it keeps, and changes a resumed run cannot take.
-What any fit refuses, however it is started, is in dynnet.steps and dynnet.limits."""
+the CLI's optimizer, and callbacks that would fight the run folder it keeps. What any fit refuses, however it is
+started, is in dynnet.steps and dynnet.limits; changes a resumed run cannot take, in dynnet.resume."""
 
 import importlib
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
-
-from dynnet.module import class_path, is_number
 
 
 def check_trainer_flags(trainer, named: Callable[[str], str]) -> None:
@@ -59,55 +56,6 @@ def refuse_run_callbacks(callbacks: list[Callback]) -> None:
                 "ModelCheckpoint(save_last=...): dynnet keeps <run>/checkpoints/last.ckpt itself, the run's latest "
                 "state (after every validation, at the end, and when a signal stops it); drop save_last"
             )
-
-
-def check_resumable(path: Path, checkpoint: dict, config) -> None:
-    """Refuse, in one line, a resume whose settings differ from the run's where the difference cannot apply."""
-    settings = checkpoint["run_settings"]
-    step = checkpoint["global_step"]
-    max_steps = last_step(config)
-    if 0 <= max_steps <= step:
-        raise ValueError(
-            f"checkpoint {path} is at step {step}, and --trainer.max_steps is {max_steps}: nothing to train; "
-            "raise max_steps to continue the run"
-        )
-    differences = []
-    seed = config.seed_everything
-    if isinstance(seed, int) and not isinstance(seed, bool) and settings.get("seed") not in (None, seed):
-        differences.append(("seed_everything", seed, settings["seed"]))
-    precision = precision_name(config.trainer.precision, config.trainer.accelerator)
-    if settings.get("precision") not in (None, precision):
-        differences.append(("trainer.precision", precision, settings["precision"]))
-    optimizer = class_path(import_class(config.optimizer.class_path))
-    if settings.get("optimizer") not in (None, optimizer):
-        differences.append(("optimizer", optimizer, settings["optimizer"]))
-    trained_args = settings.get("optimizer_args", {})
-    for name, value in vars(config.optimizer.get("init_args") or Namespace()).items():
-        old = trained_args.get(name, value)
-        if old != value and not (is_number(old) and is_number(value)):  # numbers apply from the resumed step
-            differences.append((f"optimizer.{name}", value, old))
-    scheduler = class_path(import_class(config.lr_scheduler.class_path)) if config.get("lr_scheduler") else None
-    if settings.get("lr_scheduler") != scheduler:
-        differences.append(("lr_scheduler", scheduler, settings.get("lr_scheduler")))
-    elif scheduler is not None:
-        run_state = checkpoint.get("callbacks", {}).get("Run")  # the run's callback keeps the schedule's arguments
-        trained_args = run_state.get("lr_scheduler_args") if isinstance(run_state, dict) else None
-        trained_args = trained_args if isinstance(trained_args, dict) else {}
-        for name, value in vars(config.lr_scheduler.get("init_args") or Namespace()).items():
-            if name not in ("last_epoch", "verbose") and trained_args.get(name, value) != value:
-                differences.append((f"lr_scheduler.{name}", value, trained_args[name]))
-    if settings.get("lr_interval") not in (None, config.lr_interval):
-        differences.append(("lr_interval", config.lr_interval, settings["lr_interval"]))
-    for name in ("n_points", "low", "high", "steps_per_epoch"):
-        trained = settings.get("data", {}).get(name)
-        if trained is not None and trained != config.data[name]:
-            differences.append((f"data.{name}", config.data[name], trained))
-    if differences:
-        name, new, old = differences[0]
-        raise ValueError(
-            f"cannot resume from {path} with a changed {name}: it is {new}, the run was trained with {old}; "
-            "resume with the run's value, or start a new run without --ckpt_path"
-        )
 
 
 def last_step(config) -> int:

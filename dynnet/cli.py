@@ -47,7 +47,6 @@ from dynnet.callbacks import StepProgressBar
 from dynnet.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
 from dynnet.checks import (
     check_optimizer,
-    check_resumable,
     check_trainer_flags,
     last_step,
     refuse_run_callbacks,
@@ -56,8 +55,9 @@ from dynnet.command import LAUNCHER, STOP_SIGNALS
 from dynnet.console import ignore_warnings, lost_peer, quiet_write_errors
 from dynnet.data import SineData
 from dynnet.errors import USER_ERRORS, Interrupted, one_line
-from dynnet.module import DynamicNet, check_plateau, is_plain
+from dynnet.module import DynamicNet, check_plateau
 from dynnet.predictions import PredictionCSV, check_output_path
+from dynnet.resume import check_resumable, is_plain
 from dynnet.run import (
     Run,
     RunError,

@@ -18,7 +18,7 @@ from lightning.pytorch import LightningModule, Trainer
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
-from dynnet.module import is_plain
+from dynnet.resume import is_plain
 
 Value = bool | int | float | str
 

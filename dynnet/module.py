@@ -20,6 +20,7 @@ from dynnet.divergence import check_finite
 from dynnet.errors import Interrupted
 from dynnet.limits import check_memory, check_numbers, prediction_bytes, training_bytes
 from dynnet.model import DynamicPolynomial, ExpectedLoss, polynomial
+from dynnet.resume import apply_changed_optimizer_arguments, run_settings
 from dynnet.steps import refuse_unsupported, validation_steps
 from dynnet.yaml_files import load_yaml
 
@@ -148,7 +149,7 @@ class DynamicNet(LightningModule):
 
     def on_train_start(self) -> None:
         if self.resumed_from is not None:
-            self._apply_changed_optimizer_arguments(self.resumed_from.get("optimizer_args", {}))
+            apply_changed_optimizer_arguments(self, self.resumed_from.get("optimizer_args", {}))
 
     # ----------------------------------------------------------------------------------------------- training
 
@@ -247,36 +248,6 @@ class DynamicNet(LightningModule):
             metrics[f"degree/{degree}"] = count / total
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
-
-    def _apply_changed_optimizer_arguments(self, trained: dict) -> None:
-        """Apply the configured optimizer arguments that differ from the ones the checkpoint was trained with.
-
-        The learning rate is rescaled, so a schedule keeps its shape from the resumed step on.
-        """
-        optimizer = self.optimizers().optimizer
-        schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs]
-        for name, new in optimizer.defaults.items():
-            old = trained.get(name, new)
-            if old == new:
-                continue
-            if not is_number(new) or not is_number(old):
-                raise ValueError(
-                    f"--optimizer.{name} is {new}, but the checkpoint was trained with {old}; this argument cannot "
-                    "change in the middle of a run: start a new run, or resume with the same value"
-                )
-            for i, group in enumerate(optimizer.param_groups):
-                if name == "lr":
-                    # Rescaled, so a schedule keeps its shape; from an lr of 0 there is no shape to keep.
-                    group["lr"] = group["lr"] * new / old if old else new
-                    if "initial_lr" in group:
-                        group["initial_lr"] = new
-                    for scheduler in schedulers:
-                        if hasattr(scheduler, "base_lrs"):
-                            scheduler.base_lrs[i] = new
-                else:
-                    group[name] = new
-            if self.trainer.is_global_zero:
-                print(f"Resumed with optimizer {name}={new} (the run had {old})", flush=True)
 
     # ----------------------------------------------------------------------------------------------- evaluation
 
@@ -391,19 +362,7 @@ class DynamicNet(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["degree_generator"] = self.model.rng.getstate()
         checkpoint["degree_counts"] = list(self.degree_counts)
-        trainer = self.trainer
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        schedulers = trainer.lr_scheduler_configs
-        # What the run was trained with, so that a resume can tell a changed setting from an unchanged one.
-        checkpoint["run_settings"] = {
-            "seed": self.seed,
-            "precision": str(trainer.precision),
-            "optimizer": class_path(type(optimizer)) if optimizer else None,
-            "optimizer_args": {k: v for k, v in optimizer.defaults.items() if is_plain(v)} if optimizer else {},
-            "lr_scheduler": class_path(type(schedulers[0].scheduler)) if schedulers else None,
-            "lr_interval": schedulers[0].interval if schedulers else None,
-            "data": dict(trainer.datamodule.hparams) if trainer.datamodule is not None else {},
-        }
+        checkpoint["run_settings"] = run_settings(self.trainer, self.seed)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.model.rng.setstate(checkpoint["degree_generator"])
@@ -427,24 +386,3 @@ def check_plateau(scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau) -> None
 
 def _plateau(config) -> bool:
     return isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-
-
-def class_path(cls: type) -> str:
-    """Where a class is defined (torch.optim.sgd.SGD), as checkpoints record it."""
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def is_number(value: Any) -> bool:
-    """A number, or a tuple or list of numbers (Adam's betas): an optimizer argument a resume can change."""
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)) or (
-        isinstance(value, tuple | list) and all(is_number(v) for v in value)
-    )
-
-
-def is_plain(value: Any) -> bool:
-    """A value that reads as itself (no tensors, functions or objects): data a weights-only checkpoint holds."""
-    return (
-        value is None
-        or isinstance(value, (bool, int, float, str))
-        or (isinstance(value, tuple) and all(is_plain(v) for v in value))
-    )
