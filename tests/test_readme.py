@@ -20,6 +20,37 @@ def test_readme_quick_start_trains_the_default_config():
     assert "&& .venv/bin/dynnet fit -c configs/default.yaml\n" in (ROOT / "README.md").read_text()
 
 
+def bash_commands() -> list[str]:
+    """Every command in the README's bash blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        text = re.sub(r"\\\n\s*", " ", block)
+        for line in text.splitlines():
+            command = line.split("  #")[0].strip()
+            if command and not command.startswith("#"):
+                commands += [part.strip() for part in command.split("&&")]
+    return commands
+
+
+def test_every_command_runs_from_the_clone_as_written():
+    # One way throughout: the virtual environment's programs, from the clone's folder.
+    commands = bash_commands()
+    assert len(commands) > 20
+    for command in commands:
+        assert re.match(r"(python3 -m venv \.venv$|(srun )?\.venv/bin/\w)", command), command
+
+
+def test_every_file_the_readme_names_exists():
+    named = set(
+        re.findall(
+            r"(?<![\w/])((?:configs|scripts|docs|tests|benchmark|dynnet)/[\w./-]*\.(?:yaml|py|png|json))",
+            (ROOT / "README.md").read_text(),
+        )
+    )
+    assert len(named) > 20
+    assert [name for name in sorted(named) if not (ROOT / name).is_file()] == []
+
+
 def flag_examples() -> list[str]:
     """Every backquoted example in the README's flag table."""
     table = (ROOT / "README.md").read_text().split("| to change | flag |")[1].split("\n\n")[0]
