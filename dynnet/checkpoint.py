@@ -32,7 +32,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, unreadable, unsafe, oversized, malformed or foreign."""
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, strict: bool = True) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike | IO[bytes], map_location: Any = "cpu", *, strict: bool = True
+) -> dict[str, Any]:
     """Read a dynnet checkpoint weights-only, after bounding its size and checking every record against the CRC-32
     written with it, and check its contents before use.
 
@@ -40,12 +42,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, stric
     model's parameters it holds are checked. Raises a one-line CheckpointError for anything that is not a whole,
     unchanged dynnet checkpoint.
     """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory; give the .ckpt file inside it")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    data = _intact_bytes(path)
+    if hasattr(path, "read"):  # an open binary file, as Lightning's load_from_checkpoint takes too
+        source, path = path, Path(str(getattr(path, "name", "in the file object given")))
+    else:
+        source = path = Path(path).expanduser()
+        if path.is_dir():
+            raise CheckpointError(f"checkpoint {path} is a directory; give the .ckpt file inside it")
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+    data = _intact_bytes(source, path)
     try:
         # From the bytes just checked, not the file again: a file replaced in between is never what gets used.
         checkpoint = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
@@ -60,7 +65,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, stric
     return checkpoint
 
 
-def _intact_bytes(path: Path) -> bytes:
+def _intact_bytes(source: Path | IO[bytes], path: Path) -> bytes:
     """A checkpoint file's bytes, read once and at most MAX_CHECKPOINT_BYTES, refused unless every zip record
     matches its CRC-32.
 
@@ -68,8 +73,11 @@ def _intact_bytes(path: Path) -> bytes:
     torch's reader never verifies; zipfile does, and a CRC-32 detects every change of up to 32 consecutive bits.
     """
     try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_CHECKPOINT_BYTES + 1)
+        if isinstance(source, Path):
+            with open(source, "rb") as file:
+                data = file.read(MAX_CHECKPOINT_BYTES + 1)
+        else:
+            data = source.read(MAX_CHECKPOINT_BYTES + 1)
     except OSError as err:
         raise CheckpointError(f"checkpoint {path} is unreadable: {err.strerror}") from None
     if len(data) > MAX_CHECKPOINT_BYTES:

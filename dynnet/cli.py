@@ -164,8 +164,6 @@ class DynnetCLI(LightningCLI):
     ) -> Any:
         trainer = lightning_module.trainer
         interval = self.config[self.subcommand].lr_interval
-        if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            check_plateau(lr_scheduler)  # here, before the fit writes anything
         if trainer.is_global_zero and trainer.state.fn == "fit":
             schedule = f"{describe(lr_scheduler)} every {interval}" if lr_scheduler is not None else "none"
             if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -204,6 +202,8 @@ class DynnetCLI(LightningCLI):
         self.resume: dict | None = None
         if config.ckpt_path:
             config.ckpt_path = self._resolve_checkpoint(config, subcommand)
+        elif subcommand != "fit":
+            print("Checkpoint: none (--ckpt_path not given): the model as configured, untrained", flush=True)
 
     def before_instantiate_classes(self) -> None:
         self.run_path: Path | None = None
@@ -212,6 +212,15 @@ class DynnetCLI(LightningCLI):
         trainer = config.trainer
         check_trainer_flags(trainer, self._named)
         check_optimizer(config.optimizer, self._named)
+        schedule = config.get("lr_scheduler")
+        if schedule is not None and schedule.class_path.endswith("ReduceLROnPlateau"):
+            # DynamicNet refuses it when the fit starts; here, before the command creates a run folder for it.
+            plateau = schedule.init_args
+            check_plateau(config.optimizer.init_args.lr, plateau.get("factor", 0.1), plateau.get("eps", 1e-8))
+        if config.get("weights_only") is False:
+            raise ValueError(
+                "--weights_only false: dynnet reads checkpoints weights-only, and never runs code from them"
+            )
         if trainer.gradient_clip_val is not None:
             # Lightning's Trainer clips only under automatic optimization; DynamicNet clips in its step loop.
             config.model.gradient_clip_val = trainer.gradient_clip_val

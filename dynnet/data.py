@@ -22,8 +22,8 @@ class TrainItems:
     """The train loader: the run's optimizer steps on the full batch, in items ``(x, y, first_step, steps)``.
 
     Items lie on a fixed grid of optimizer steps: one ends at every multiple of ``steps_per_batch`` and at every
-    multiple of ``steps_per_epoch`` (where the epoch ends), and the last one at ``max_steps``. Each iteration
-    starts at the trainer's current step, so a run resumed in the middle of an item first finishes that item
+    multiple of ``steps_per_epoch`` (where the epoch ends), and one at ``max_steps`` (where Lightning stops). Each
+    iteration starts at the trainer's current step, so a run resumed in the middle of an item first finishes that item
     and then follows the same grid as a run that was never interrupted. It has no length: the epoch ends where
     the items end, whatever step the run resumed at.
     """
@@ -35,10 +35,11 @@ class TrainItems:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int, int]]:
         step = self.trainer.global_step  # read at the first item, after Lightning has restored a checkpoint
         end = (step // self.steps_per_epoch + 1) * self.steps_per_epoch
-        if self.trainer.max_steps >= 0:
-            end = min(end, self.trainer.max_steps)
+        max_steps = self.trainer.max_steps if self.trainer.max_steps >= 0 else end
         while step < end:
-            stop = min((step // self.steps_per_batch + 1) * self.steps_per_batch, end)
+            # An item ends at max_steps, where Lightning stops; the epoch does not, so that, as with any loader,
+            # a fit cut short by max_steps does not have its last batch taken for the epoch's (and validated).
+            stop = min((step // self.steps_per_batch + 1) * self.steps_per_batch, end, max(max_steps, step + 1))
             yield self.x, self.y, step, stop - step
             step = stop
 

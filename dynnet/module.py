@@ -4,7 +4,7 @@ import inspect
 import math
 import numbers
 import os
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +97,12 @@ class DynamicNet(LightningModule):
         squared error from the targets the expected loss averages. ``self.model(x)`` draws a degree instead."""
         return self.model.expected(x)
 
+    def to_torchscript(self, file_path=None, method: str | None = "script", example_inputs=None, **kwargs):
+        """Lightning's, by tracing: TorchScript cannot script the degree generator, which is Python's."""
+        if method != "trace":
+            raise ValueError("DynamicNet cannot be scripted (its degree generator is Python's): use method='trace'")
+        return super().to_torchscript(file_path, method, example_inputs, **kwargs)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """The tutorial's optimizer: SGD with lr 1e-8 and momentum 0.9. `dynnet fit` replaces it with its config's
         optimizer and lr_scheduler; in Python, override this method to train with another."""
@@ -143,9 +149,23 @@ class DynamicNet(LightningModule):
         self._evaluation = None
 
     def on_fit_start(self) -> None:
-        for config in self.trainer.lr_scheduler_configs:
+        trainer = self.trainer
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"configure_optimizers gave {len(trainer.optimizers)} optimizers; DynamicNet trains its 5 "
+                "coefficients with one (give it parameter groups for different settings)"
+            )
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
             if _plateau(config):
-                check_plateau(config.scheduler)
+                for group in scheduler.optimizer.param_groups:
+                    check_plateau(group["lr"], scheduler.factor, scheduler.eps)
+            total = getattr(scheduler, "total_steps", None)  # OneCycleLR's: it refuses to step past it
+            if total is not None and config.interval == "step" and total < trainer.max_steps:
+                raise ValueError(
+                    f"{type(scheduler).__name__}(total_steps={total}) cannot step {trainer.max_steps} times; "
+                    f"give it total_steps={trainer.max_steps} (max_steps)"
+                )
 
     def on_train_start(self) -> None:
         if self.resumed_from is not None:
@@ -231,6 +251,8 @@ class DynamicNet(LightningModule):
             self.configure_gradient_clipping(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
 
     def on_train_epoch_end(self) -> None:
+        if self.global_step % self.trainer.datamodule.steps_per_epoch:
+            return  # an epoch cut short by max_steps: Lightning steps epoch schedulers only after whole epochs
         for config in self.trainer.lr_scheduler_configs:
             if config.interval == "epoch" and not _plateau(config):
                 if (self.current_epoch + 1) % config.frequency == 0:
@@ -324,7 +346,7 @@ class DynamicNet(LightningModule):
     @classmethod
     def load_from_checkpoint(
         cls,
-        checkpoint_path: str | os.PathLike,
+        checkpoint_path: str | os.PathLike | IO[bytes],
         map_location: Any = None,
         hparams_file: str | os.PathLike | None = None,
         strict: bool | None = None,
@@ -350,6 +372,12 @@ class DynamicNet(LightningModule):
             given = load_yaml(hparams_file, "hparams_file")
             if not isinstance(given, dict):
                 raise ValueError(f"hparams_file {hparams_file} should map hyper-parameters to values")
+            accepted = inspect.signature(cls.__init__).parameters
+            unknown = sorted(set(given) - set(accepted))
+            if unknown:
+                raise ValueError(
+                    f"hparams_file {hparams_file} sets {', '.join(unknown)}, which {cls.__name__} does not take"
+                )
             hparams |= given
         accepted = inspect.signature(cls.__init__).parameters
         module = cls(**({k: v for k, v in hparams.items() if k in accepted} | kwargs))
@@ -371,17 +399,15 @@ class DynamicNet(LightningModule):
         self.resumed_from = checkpoint["run_settings"]
 
 
-def check_plateau(scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau) -> None:
+def check_plateau(lr: float, factor: float, eps: float) -> None:
     """Refuse a ReduceLROnPlateau that could never lower the lr: torch skips a reduction smaller than its eps
     (1e-8 by default), and at the tutorial's lr of 1e-8 every reduction is smaller."""
-    for group in scheduler.optimizer.param_groups:
-        lr = group["lr"]
-        if 0 < lr * (1 - scheduler.factor) <= scheduler.eps:
-            raise ValueError(
-                f"ReduceLROnPlateau skips reductions smaller than its eps ({scheduler.eps:g}), and at lr {lr:g} "
-                f"with factor {scheduler.factor:g} every reduction is: give it eps={lr * 1e-8:g} "
-                f"(--lr_scheduler.eps {lr * 1e-8:g}), the lr times torch's default 1e-8"
-            )
+    if 0 < lr * (1 - factor) <= eps:
+        raise ValueError(
+            f"ReduceLROnPlateau skips reductions smaller than its eps ({eps:g}), and at lr {lr:g} with factor "
+            f"{factor:g} every reduction is: give it eps={lr * 1e-8:g} (--lr_scheduler.eps {lr * 1e-8:g}), the lr "
+            "times torch's default 1e-8"
+        )
 
 
 def _plateau(config) -> bool:

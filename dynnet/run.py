@@ -270,8 +270,9 @@ class Run(Checkpoint):
             rate = steps / max(seconds, 1e-9)
             print(f"Trained {steps} step{'' if steps == 1 else 's'} in {seconds:.3f} s ({rate:.0f} steps/s)")
             print(f"Result: {pl_module.model.formula()}")
-            if trainer.loggers or self.path:
-                print(f"Logs: {log_dir if trainer.loggers else self.path}")
+            logs = log_dir if trainer.loggers else self.path
+            if logs:  # fast_dev_run writes none
+                print(f"Logs: {logs}")
             sys.stdout.flush()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -226,6 +226,8 @@ def test_evaluation_says_which_checkpoint_it_used(tmp_path, fit, capsys):
     for command in ("validate", "test", "predict"):
         main([command, "-c", DEFAULT, "--ckpt_path", "best", "--trainer.default_root_dir", str(tmp_path)])
         assert f"Checkpoint: {best} at step {load_checkpoint(best)['global_step']}" in capsys.readouterr().out
+    main(["validate", "-c", DEFAULT, "--trainer.default_root_dir", str(tmp_path)])
+    assert "Checkpoint: none (--ckpt_path not given): the model as configured, untrained" in capsys.readouterr().out
 
 
 def test_the_logs_line_is_absolute_for_a_relative_root(tmp_path, capsys, monkeypatch):

@@ -145,9 +145,33 @@ def test_validation_comes_at_the_steps_asked_for(tmp_path, settings, validated):
     assert trainer.val_check_interval == settings.get("val_check_interval", 1.0)  # the user's Trainer, unchanged
 
 
-def test_max_steps_ends_inside_a_batch(tmp_path):
-    trainer, _ = train(tmp_path, max_steps=137)
+def test_max_steps_ends_inside_a_batch_and_an_epoch_as_in_lightning(tmp_path):
+    class Validations(Callback):
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if not trainer.sanity_checking:
+                self.steps.append(trainer.global_step)
+
+    validations = Validations()
+    trainer, _ = train(tmp_path, max_steps=137, callbacks=[validations])
     assert trainer.global_step == 137
+    # Lightning validates at epoch ends: 100, not 137, where max_steps cut the second epoch short (the final
+    # evaluation is logged there, without a validation loop).
+    assert validations.steps == [100]
+    assert scalar_steps(tmp_path / "lightning_logs" / "version_0", "val/expected_loss") == [100, 137]
+
+
+def test_epoch_schedules_step_after_whole_epochs_only(tmp_path):
+    class Halving(DynamicNet):
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=1e-8)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    trainer, _ = train(tmp_path, module=Halving(), max_steps=250)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-8 / 4)  # after 100 and 200, not 250
 
 
 def test_a_schedule_steps_every_optimizer_step(tmp_path):
@@ -282,6 +306,29 @@ def test_refusals_are_dynnets_one_line_when_the_fit_starts(tmp_path, settings, l
     assert line in message and "\n" not in message
 
 
+def test_two_optimizers_are_refused(tmp_path):
+    class Two(DynamicNet):
+        def configure_optimizers(self):
+            parameters = list(self.parameters())
+            return [torch.optim.SGD(parameters[:2], lr=1e-8), torch.optim.SGD(parameters[2:], lr=1e-8)]
+
+    with pytest.raises(ValueError, match=r"^configure_optimizers gave 2 optimizers; DynamicNet trains"):
+        train(tmp_path, module=Two(), max_steps=10)
+
+
+def test_one_cycle_shorter_than_the_fit_is_refused(tmp_path):
+    class OneCycle(DynamicNet):
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=1e-8)
+            cycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-8, total_steps=100)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cycle, "interval": "step"}}
+
+    with pytest.raises(
+        ValueError, match=r"OneCycleLR\(total_steps=100\) cannot step 300 times; give it total_steps=300"
+    ):
+        train(tmp_path, module=OneCycle(), max_steps=300)
+
+
 def test_the_cli_refuses_with_the_same_line(tmp_path, capsys):
     error = error_of(
         ["fit", "--trainer.accumulate_grad_batches", "2", "--trainer.default_root_dir", str(tmp_path)], capsys
@@ -304,9 +351,11 @@ def test_forward_is_the_expected_prediction():
 def test_to_torchscript_reproduces_forward(tmp_path):
     module = DynamicNet()
     x = torch.linspace(-3, 3, 11)
-    scripted = module.to_torchscript(method="trace")  # the degree generator is Python's, so tracing, not script
+    scripted = module.to_torchscript(method="trace")
     torch.jit.save(scripted, tmp_path / "model.pt")
     assert torch.equal(torch.jit.load(tmp_path / "model.pt")(x), module(x))
+    with pytest.raises(ValueError, match=r"^DynamicNet cannot be scripted \(its degree generator is Python's\)"):
+        module.to_torchscript()  # Lightning's default method, script
 
 
 def test_to_onnx_reproduces_forward(tmp_path):
@@ -347,6 +396,11 @@ def test_load_from_checkpoint_takes_lightnings_arguments(tmp_path, checkpoint):
         DynamicNet.load_from_checkpoint(path, min_degree=4)
     with pytest.raises(ValueError, match="weights_only=False"):
         DynamicNet.load_from_checkpoint(path, weights_only=False)
+    with path.open("rb") as file:  # an open file, as Lightning takes too
+        assert torch.equal(DynamicNet.load_from_checkpoint(file).model.flat(), trained.model.flat())
+    hparams.write_text("max_degre: 6\n")
+    with pytest.raises(ValueError, match=r"sets max_degre, which DynamicNet does not take"):
+        DynamicNet.load_from_checkpoint(path, hparams_file=hparams)
 
 
 def test_a_plain_resume_ends_where_one_fit_ends(tmp_path, checkpoint):
