@@ -142,7 +142,7 @@ class SineData(LightningDataModule):
 
     def state_dict(self) -> dict:
         # The batches a run was cut into: Lightning counts a validation interval inside epochs in batches.
-        return {"batch_steps": self.batch_steps, "validation_interval": self.validation_interval}
+        return {"batch_steps": self.batch_steps}
 
     def load_state_dict(self, state_dict: dict) -> None:
         check_resumed_batches(state_dict.get("batch_steps"), self.batch_steps, self.validation_interval)

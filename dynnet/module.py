@@ -109,9 +109,10 @@ class DynamicNet(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=TUTORIAL_LR, momentum=TUTORIAL_MOMENTUM)
 
     def configure_callbacks(self) -> list:
-        # The first hook of every fit, called before Lightning checks its own settings and before anything is
-        # set up or written: dynnet's refusals come from here, the same one line whoever built the Trainer. It
-        # adds no callbacks: dynnet's defaults are the `dynnet` command's, visible and replaceable.
+        # The first hook of every fit (and validate, test, predict), called before Lightning checks its own
+        # settings and before anything is set up or written: dynnet's refusals come from here, the same one line
+        # whoever built the Trainer. It adds no callbacks: dynnet's defaults are the `dynnet` command's, visible
+        # and replaceable.
         trainer = self.trainer
         # Lightning's rank_zero_only guards (the loggers' writes among them) take a rank from the environment when
         # they are imported, and only its distributed strategies correct it: a RANK or LOCAL_RANK left in a shell
@@ -152,8 +153,8 @@ class DynamicNet(LightningModule):
         trainer = self.trainer
         if len(trainer.optimizers) != 1:
             raise ValueError(
-                f"configure_optimizers gave {len(trainer.optimizers)} optimizers; DynamicNet trains its 5 "
-                "coefficients with one (give it parameter groups for different settings)"
+                f"configure_optimizers gave {len(trainer.optimizers)} optimizers; DynamicNet trains its coefficients "
+                "with one (give it parameter groups for different settings)"
             )
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler
