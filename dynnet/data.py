@@ -35,11 +35,13 @@ class TrainItems:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int, int]]:
         step = self.trainer.global_step  # read at the first item, after Lightning has restored a checkpoint
         end = (step // self.steps_per_epoch + 1) * self.steps_per_epoch
-        max_steps = self.trainer.max_steps if self.trainer.max_steps >= 0 else end
+        max_steps = self.trainer.max_steps
         while step < end:
-            # An item ends at max_steps, where Lightning stops; the epoch does not, so that, as with any loader,
-            # a fit cut short by max_steps does not have its last batch taken for the epoch's (and validated).
-            stop = min((step // self.steps_per_batch + 1) * self.steps_per_batch, end, max(max_steps, step + 1))
+            stop = min((step // self.steps_per_batch + 1) * self.steps_per_batch, end)
+            if step < max_steps < stop:
+                # An item ends where Lightning stops; the epoch does not, so that, as with any loader, the last
+                # batch of a fit cut short by max_steps is not taken for the epoch's last (and validated).
+                stop = max_steps
             yield self.x, self.y, step, stop - step
             step = stop
 

@@ -40,9 +40,10 @@ def test_a_resumed_run_first_finishes_its_item():
     assert items(130, 1000, 250, 100) == [(130, 70), (200, 50)]
 
 
-def test_the_last_item_ends_at_max_steps():
-    assert items(0, 170, 250, 100) == [(0, 100), (100, 70)]
-    assert items(170, 170, 250, 100) == []
+def test_an_item_ends_at_max_steps_and_the_epoch_goes_on():
+    # Lightning stops at max_steps (170); the loader, as any loader, would go on to the epoch's end.
+    assert items(0, 170, 250, 100) == [(0, 100), (100, 70), (170, 30), (200, 50)]
+    assert items(170, 170, 250, 100) == [(170, 30), (200, 50)]
 
 
 def test_full_batch_is_the_tutorial_data():
