@@ -1,9 +1,12 @@
-"""The `dynnet` command's entry point: from its first moment, a stop signal ends it with its line.
+"""The `dynnet` command's entry point: from the moment its code runs, a stop signal ends it with its line.
 
 Importing torch and Lightning takes seconds. Until training starts (where the run's own handlers stop it at a
 step boundary and save), SIGTERM, SIGINT or SIGHUP print `stopped by SIG... before training started` and exit
-with 128 + the signal's number, through every cleanup on the way: the run's lock is released and a run folder
-this command created, still empty, is removed.
+with 128 + the signal's number. While torch and Lightning are imported there is nothing to undo, and the process
+ends at once: library code can turn an exception raised inside it into another error, or drop it. After that,
+the stop unwinds through every cleanup on the way (the run's lock is released and a run folder this command
+created, still empty, is removed); however the code it interrupted handles it, the command exits with the
+signal's code, and a fit whose training starts after it stops before its first step (see dynnet.run).
 """
 
 import ctypes
@@ -17,7 +20,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 LAUNCHER = "DYNNET_LAUNCHER_PID"
 
 
+# The stop signal received before training started, if any; and whether the heavy imports are still running.
+received: int | None = None
+_importing = True
+
+
 def main(args: list[str] | None = None) -> None:
+    global received, _importing
+    received = None
     with ExitStack() as handlers:
         for signum in STOP_SIGNALS:
             handlers.callback(signal.signal, signum, signal.signal(signum, _stop))
@@ -27,11 +37,22 @@ def main(args: list[str] | None = None) -> None:
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         from dynnet.cli import main as run  # the heavy imports, now that a signal is handled
 
-        run(args)
+        _importing = False
+        try:
+            run(args)
+        except BaseException:
+            if received is None:
+                raise
+        if received is not None:  # its line is printed; whatever became of the exit it raised, this is the stop
+            raise SystemExit(128 + received) from None
 
 
 def _stop(signum: int, frame) -> None:
+    global received
+    received = signum
     print(f"stopped by {signal.Signals(signum).name} before training started", file=sys.stderr, flush=True)
+    if _importing:
+        os._exit(128 + signum)
     raise SystemExit(128 + signum)
 
 

@@ -20,8 +20,8 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 
+from dynnet import command
 from dynnet.checkpoint import CheckpointError, write_atomically
-from dynnet.command import STOP_SIGNALS
 from dynnet.errors import Interrupted
 
 RUNS = "lightning_logs"  # Lightning's own folder name for runs, so `tensorboard --logdir <root>` finds them
@@ -291,8 +291,10 @@ class Run(Checkpoint):
             trainer.save_checkpoint(path, weights_only=False)  # every process calls it; rank 0 writes
 
     def _handle_signals(self, pl_module: LightningModule) -> None:
-        for signum in STOP_SIGNALS:
+        for signum in command.STOP_SIGNALS:
             signal.signal(signum, lambda signum, frame: _request_stop(pl_module, signum))
+        if command.received is not None:  # a stop before training that the code it interrupted swallowed
+            _request_stop(pl_module, command.received)
 
 
 def _request_stop(pl_module: LightningModule, signum: int) -> None:

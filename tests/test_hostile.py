@@ -6,11 +6,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, TINY, error_of, last, run_dir
 
+from dynnet import command as entry_point
 from dynnet.checkpoint import load_checkpoint
 from dynnet.cli import main
 from dynnet.yaml_files import MAX_VALUES
@@ -28,6 +30,13 @@ def start(*args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "dynnet", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
+
+
+def handles(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for the signal: the bit (signum - 1) of SigCgt in /proc/PID/status."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught >> (signum - 1) & 1)
 
 
 def wait_for(condition, process: subprocess.Popen, seconds: float = 120) -> None:
@@ -103,16 +112,44 @@ def test_last_never_silently_means_a_run_without_a_checkpoint(tmp_path, fit, cap
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads a process's signal handlers from /proc")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_before_training_prints_its_line_and_leaves_nothing(tmp_path, signum):
-    for delay in (0.05, 1.0):  # while Python imports torch and Lightning; while the fit sets up
+    # The first moment: the kernel reports the handler installed (before it, the interpreter itself is starting
+    # and no program can answer). Then while Python imports torch and Lightning, and while the fit sets up.
+    for delay in (0.0, 1.0):
         process = start("fit", *ENDLESS, "--trainer.default_root_dir", str(tmp_path))
+        wait_for(lambda pid=process.pid: handles(pid, signum), process)
         time.sleep(delay)
         process.send_signal(signum)
         _, err = process.communicate(timeout=120)
         assert process.returncode == 128 + signum
         assert err.strip().splitlines()[-1] == f"stopped by {signal.Signals(signum).name} before training started"
     assert not (tmp_path / "lightning_logs").exists() or not list((tmp_path / "lightning_logs").iterdir())
+
+
+def test_a_stop_that_library_code_swallows_still_ends_the_command(monkeypatch, capsys):
+    # Code the signal interrupts may catch the exit it raises (or turn it into another error) and go on.
+    def swallowing(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here
+        except BaseException:
+            pass
+
+    monkeypatch.setattr("dynnet.cli.main", swallowing)
+    monkeypatch.setattr(entry_point, "received", None)  # put back after the test: the stop it records stays
+    with pytest.raises(SystemExit) as stop:
+        entry_point.main([])
+    assert stop.value.code == 143
+    assert capsys.readouterr().err.strip() == "stopped by SIGTERM before training started"
+
+
+def test_a_swallowed_stop_stops_training_before_its_first_step(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(entry_point, "received", signal.SIGTERM)
+    error = error_of(["fit", "-c", DEFAULT, *TINY, "--trainer.default_root_dir", str(tmp_path)], capsys)
+    assert error.splitlines()[-1] == "stopped by SIGTERM at step 0; resume with --ckpt_path last"
+    assert load_checkpoint(last(tmp_path, "version_0"))["global_step"] == 0
 
 
 @pytest.mark.slow
