@@ -253,10 +253,17 @@ def interrupt(root: Path, signum: int, *extra: str) -> tuple[subprocess.Complete
     return subprocess.CompletedProcess(process.args, process.returncode, out, err), load_checkpoint(last(root))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """The LONG run, trained straight through once for every test that compares with it: its output and root."""
+    root = tmp_path_factory.mktemp("whole")
+    return dynnet(*LONG, "--trainer.default_root_dir", str(root), check=True), root
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_stops_at_a_step_saves_it_and_resumes_exactly(tmp_path, signum, code):
-    whole = dynnet(*LONG, "--trainer.default_root_dir", str(tmp_path / "whole"), check=True)
+def test_a_signal_stops_at_a_step_saves_it_and_resumes_exactly(tmp_path, uninterrupted, signum, code):
+    whole, whole_root = uninterrupted
     stopped, checkpoint = interrupt(tmp_path / "stopped", signum)
     step = checkpoint["global_step"]
     assert stopped.returncode == code
@@ -267,7 +274,7 @@ def test_a_signal_stops_at_a_step_saves_it_and_resumes_exactly(tmp_path, signum,
     resumed = dynnet(*LONG, "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path / "stopped"), check=True)
     assert f"at step {step}" in resumed.stdout
     assert result(resumed.stdout) == result(whole.stdout)  # bitwise: float reprs round-trip
-    assert parameters(last(tmp_path / "stopped")) == parameters(last(tmp_path / "whole"))
+    assert parameters(last(tmp_path / "stopped")) == parameters(last(whole_root))
 
 
 # ------------------------------------------------------------------------------------------------ resuming, changed
