@@ -56,6 +56,11 @@ def result(text: str) -> list[float]:
     return [float(v) for v in matches[-1]]
 
 
+def dynnet(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """`dynnet ARGS` run as a real command, its output captured (kwargs for subprocess.run: env, cwd, check)."""
+    return subprocess.run([sys.executable, "-m", "dynnet", *args], capture_output=True, text=True, **kwargs)
+
+
 def plain_loop(*args: str) -> list[float]:
     """Run scripts/plain_loop.py (the tutorial's loop) and return its final a, b, c, d, e."""
     out = subprocess.run(

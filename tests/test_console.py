@@ -4,11 +4,7 @@ empty log folders."""
 import subprocess
 import sys
 
-from conftest import ROOT, TINY, last
-
-
-def dynnet(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dynnet", *args], capture_output=True, text=True, cwd=cwd)
+from conftest import ROOT, TINY, dynnet, last
 
 
 def test_a_fit_prints_its_lines_and_nothing_else(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, error_of, last, run_dir
+from conftest import ROOT, TINY, dynnet, error_of, last, run_dir
 
 from dynnet import command as entry_point
 from dynnet.checkpoint import load_checkpoint
@@ -20,10 +20,6 @@ from dynnet.yaml_files import MAX_VALUES
 DEFAULT = str(ROOT / "configs" / "default.yaml")
 # Long enough to be stopped, killed or locked while it trains: epochs of 100 steps, never finished.
 ENDLESS = ["-c", DEFAULT, *TINY, "--trainer.max_steps", "1000000"]
-
-
-def dynnet(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dynnet", *args], capture_output=True, text=True, env=env, **kwargs)
 
 
 def start(*args: str, env: dict | None = None) -> subprocess.Popen:

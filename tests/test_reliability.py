@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, error_of, last, result
+from conftest import ROOT, TINY, dynnet, error_of, last, result
 
 from dynnet.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
 from dynnet.module import DynamicNet
@@ -29,10 +29,6 @@ RESUMABLE = [
     "--data.steps_per_batch",
     "50",
 ]
-
-
-def dynnet(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dynnet", *args], capture_output=True, text=True, **kwargs)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, error_of, last, result, run_dir
+from conftest import ROOT, TINY, dynnet, error_of, last, result, run_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dynnet.checkpoint import MAX_CHECKPOINT_BYTES, load_checkpoint
@@ -29,10 +29,6 @@ DEFAULT = str(ROOT / "configs" / "default.yaml")
 def fit(root: Path, *args: str) -> DynnetCLI:
     with ExitStack() as cleanup:
         return DynnetCLI(["fit", "-c", DEFAULT, *TINY, *args, "--trainer.default_root_dir", str(root)], cleanup=cleanup)
-
-
-def dynnet(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dynnet", *args], capture_output=True, text=True, **kwargs)
 
 
 def parameters(checkpoint: Path) -> list[float]:
