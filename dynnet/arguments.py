@@ -6,6 +6,7 @@ import enum
 import inspect
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,25 @@ from dynnet.yaml_files import MAX_BYTES, MAX_VALUES, expanded_size, load_yaml
 TUTORIAL_OPTIMIZER = {"class_path": "torch.optim.SGD", "init_args": {"lr": TUTORIAL_LR, "momentum": TUTORIAL_MOMENTUM}}
 
 
+# Flags whose value is a path that is not a config: every other flag given a file reads it as YAML.
+PATH_FLAGS = ("--ckpt_path", "--run", "--predictions.path", "--trainer.default_root_dir")
+
+
+def flag_values(args: list[str]) -> Iterator[tuple[str, str]]:
+    """Each flag given a value, as (flag, value): ``--flag value``, ``--flag=value`` and ``-c value``."""
+    for token, following in zip(args, [*args[1:], None]):
+        if token.startswith("--") and "=" in token:
+            flag, _, value = token.partition("=")
+            yield flag, value
+        elif token.startswith("-") and following is not None and not following.startswith("-"):
+            yield token, following
+
+
 def config_files(args: list[str]) -> dict[str, Any]:
-    """The YAML config files args name, loaded within bounds, after checking what the parser would report without
-    the file's name: an empty file, or a section that is not a mapping."""
+    """The YAML config files args name (``-c``, ``--config``, ``--config=``), loaded within bounds, after checking
+    what the parser would report without the file's name: an empty file, or a section that is not a mapping."""
     files = {}
-    for flag, value in zip(args, args[1:]):
+    for flag, value in flag_values(args):
         if flag not in ("-c", "--config") or not Path(value).is_file():
             continue  # a missing file is reported by the parser, with its name
         content = load_yaml(value)
@@ -45,7 +60,8 @@ def config_files(args: list[str]) -> dict[str, Any]:
 
 def check_flag_values(args: list[str]) -> None:
     """Refuse a flag's value that is a YAML bomb (aliases that expand without end) or megabytes long, before the
-    parser reads it as YAML."""
+    parser reads it as YAML; and likewise a file given as a flag's value (``--trainer FILE``), which the parser
+    reads as YAML too."""
     for token in args:
         value = token.partition("=")[2] if token.startswith("--") and "=" in token else token
         if len(value) > MAX_BYTES:
@@ -55,6 +71,9 @@ def check_flag_values(args: list[str]) -> None:
         with contextlib.suppress(yaml.YAMLError, RecursionError):  # not YAML: the parser says what is wrong with it
             if "&" in value and expanded_size(yaml.safe_load(value), {}) > MAX_VALUES:
                 raise ValueError(f"the value {value[:40]!r}... was refused: its YAML aliases expand without end")
+    for flag, value in flag_values(args):
+        if flag not in (*PATH_FLAGS, "-c", "--config") and Path(value).is_file():  # config files: see config_files
+            load_yaml(value, f"{flag} file")
 
 
 def with_default_optimizer(args: list[str], configs: dict[str, Any]) -> list[str]:

@@ -3,6 +3,7 @@ the CLI's optimizer, and callbacks that would fight the run folder it keeps. Wha
 started, is in dynnet.steps and dynnet.limits; changes a resumed run cannot take, in dynnet.resume."""
 
 import importlib
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,16 @@ def check_trainer_flags(trainer, named: Callable[[str], str]) -> None:
         raise ValueError(
             f"{named('trainer.accelerator')}: torch cannot use a GPU here ({why}); "
             "use --trainer.accelerator cpu (or auto)"
+        )
+    devices = int(trainer.devices) if str(trainer.devices).isdigit() else None
+    gpu = uses_gpu(trainer.accelerator)
+    have = torch.cuda.device_count() if gpu else len(os.sched_getaffinity(0))
+    if devices is not None and devices > have:
+        # Each device is a process: more processes than cores (or GPUs) only wait for each other, and enough of
+        # them exhaust the machine's memory before the first step.
+        raise ValueError(
+            f"{named('trainer.devices')}: this machine has {have} {'GPU' if gpu else 'CPU core'}{'s' * (have != 1)} "
+            f"for this process; give at most {have}"
         )
     if trainer.max_steps is not None and trainer.max_steps < -1:
         raise ValueError(f"{named('trainer.max_steps')}: give -1 (no limit) or a step count")
@@ -75,8 +86,12 @@ def precision_name(value: Any, accelerator: Any = "cpu") -> str:
     """Lightning's precision setting in its canonical form, as trainer.precision reports it."""
     value = "32-true" if value is None else str(value)
     value = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}.get(value, value)
-    gpu = str(accelerator) in ("gpu", "cuda") or (str(accelerator) == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if value == "16-mixed" and not gpu else value  # Lightning's substitute on a CPU
+    return "bf16-mixed" if value == "16-mixed" and not uses_gpu(accelerator) else value  # Lightning's on a CPU
+
+
+def uses_gpu(accelerator: Any) -> bool:
+    """Whether Lightning's accelerator setting trains on a GPU here."""
+    return str(accelerator) in ("gpu", "cuda") or (str(accelerator) == "auto" and torch.cuda.is_available())
 
 
 def import_class(class_path: str) -> type:

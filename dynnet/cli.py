@@ -6,19 +6,22 @@ and gives the Trainer dynnet's defaults (progress display, best and last checkpo
 by the user's own. What a fit means in optimizer steps, and what it refuses, lives in DynamicNet and SineData.
 """
 
+import argparse
 import contextlib
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jsonargparse import Namespace
+from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import (
     ModelCheckpoint,
@@ -52,12 +55,12 @@ from dynnet.checks import (
     refuse_run_callbacks,
 )
 from dynnet.command import LAUNCHER, STOP_SIGNALS
-from dynnet.console import ignore_warnings, lost_peer, quiet_write_errors
+from dynnet.console import dynnet_command, ignore_warnings, lost_peer, quiet_write_errors
 from dynnet.data import SineData
 from dynnet.errors import USER_ERRORS, Interrupted, one_line
 from dynnet.module import DynamicNet, check_plateau
 from dynnet.predictions import PredictionCSV, check_output_path
-from dynnet.resume import check_resumable, is_plain
+from dynnet.resume import check_latest, check_resumable, is_plain
 from dynnet.run import (
     Run,
     RunError,
@@ -72,9 +75,46 @@ from dynnet.run import (
 )
 from dynnet.steps import batch_steps, check_resumed_batches, validation_steps
 from dynnet.tensorboard import TensorBoardExtras
+from dynnet.yaml_files import load_yaml
 
 # How long the processes of a DDP run wait for each other: far more than a step or a checkpoint takes.
 DDP_TIMEOUT = timedelta(seconds=60)
+
+
+SUBCOMMANDS = {
+    "fit": "Train the polynomial, or resume a run (--ckpt_path last).",
+    "validate": "Evaluate a checkpoint's model on the points and print its expected loss.",
+    "test": "Evaluate as validate does, reporting the metrics as test/*.",
+    "predict": "Write a checkpoint's predictions at every point to a CSV file.",
+}
+# The flags people use most, at the end of `dynnet fit --help`, below Lightning's many.
+FIT_EPILOG = """the flags people use most:
+  -c configs/default.yaml        the tutorial's run (configs/fast.yaml: Adam, a tenth of the steps)
+  --trainer.max_steps N          how many optimizer steps to train
+  --optimizer CLASS              another optimizer (torch.optim.Adam), from its own defaults
+  --optimizer.lr LR              the learning rate
+  --lr_scheduler CLASS           a schedule (torch.optim.lr_scheduler.CosineAnnealingLR), stepped every step
+  --seed_everything S            the seed of the initial coefficients and the degree draws
+  --data.n_points N              how many points on [data.low, data.high]
+  --trainer.precision 64-true    train in float64
+  --trainer.devices N            N processes training as one (with --trainer.accelerator gpu, N GPUs)
+  --ckpt_path last               resume the newest run (--run NAME: that run)"""
+# Trainer options whose Lightning text would mislead: what they mean in dynnet, or that dynnet refuses them.
+REFUSED = "Refused by dynnet: "
+TRAINER_HELP = {
+    "trainer.max_steps": "Stop after this many optimizer steps; -1 for no limit (default: 30000, the tutorial's).",
+    "trainer.limit_train_batches": REFUSED + "a train batch holds many optimizer steps; shorten training with "
+    "--trainer.max_steps or --data.steps_per_epoch.",
+    "trainer.overfit_batches": REFUSED + "every step trains on all the points.",
+    "trainer.accumulate_grad_batches": REFUSED + "every step already uses all the points; change the step size "
+    "with --optimizer.lr.",
+    "trainer.gradient_clip_val": "Clip the gradient before every optimizer step to this norm (or value, with "
+    "--trainer.gradient_clip_algorithm value); dynnet gives it to DynamicNet, which clips its own steps.",
+}
+
+
+class EpilogAsWritten(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, keeping the lines of dynnet's list of flags as written."""
 
 
 class QuietProfiler(PassThroughProfiler):
@@ -130,6 +170,8 @@ class DynnetCLI(LightningCLI):
                 "exit_on_error": False,
                 "prog": "dynnet",
                 "description": "Train, evaluate and use the tutorial's random-depth polynomial with Lightning.",
+                "formatter_class": EpilogAsWritten,  # which jsonargparse gives the subcommands too
+                "fit": {"epilog": FIT_EPILOG},
             },
         )
 
@@ -155,9 +197,15 @@ class DynnetCLI(LightningCLI):
         for key, title in titles.items():
             if key in parser.groups:
                 parser.groups[key].title = title
-        for action in parser._actions:  # Lightning's own text describes its default, not dynnet's
-            if action.dest == "trainer.max_steps":
-                action.help = "Stop after this many optimizer steps; -1 for no limit (default: 30000, the tutorial's)."
+        for action in parser._actions:  # Lightning's own text describes its defaults and batches, not dynnet's
+            action.help = TRAINER_HELP.get(action.dest, action.help)
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        # LightningCLI lists each subcommand with the first line of the Trainer method's docstring, which can stop
+        # mid-sentence; dynnet's own sentences instead.
+        for choice in self.parser._subcommands_action._choices_actions:
+            choice.help = SUBCOMMANDS[choice.dest]
 
     def configure_optimizers(
         self, lightning_module: LightningModule, optimizer: Optimizer, lr_scheduler: Any = None
@@ -216,7 +264,8 @@ class DynnetCLI(LightningCLI):
         if schedule is not None and schedule.class_path.endswith("ReduceLROnPlateau"):
             # DynamicNet refuses it when the fit starts; here, before the command creates a run folder for it.
             plateau = schedule.init_args
-            check_plateau(config.optimizer.init_args.lr, plateau.get("factor", 0.1), plateau.get("eps", 1e-8))
+            monitor = plateau.get("monitor", "val/expected_loss")  # torch's own class monitors the expected loss
+            check_plateau(config.optimizer.init_args.lr, plateau.get("factor", 0.1), plateau.get("eps", 1e-8), monitor)
         if config.get("weights_only") is False:
             raise ValueError(
                 "--weights_only false: dynnet reads checkpoints weights-only, and never runs code from them"
@@ -271,6 +320,8 @@ class DynnetCLI(LightningCLI):
         else:
             path = Path(config.ckpt_path).expanduser()
         checkpoint = load_checkpoint(path)
+        if config.ckpt_path in ("last", "best"):
+            self._note_other_config(run_of(path))
         trained = checkpoint["hyper_parameters"]
         for key in ("min_degree", "max_degree"):
             if trained[key] != config.model[key]:
@@ -280,8 +331,13 @@ class DynnetCLI(LightningCLI):
                 )
         if subcommand != "fit":
             print(f"Checkpoint: {path} at step {checkpoint['global_step']}", flush=True)
+            data = {k: v for k, v in checkpoint["run_settings"]["data"].items() if k in ("n_points", "low", "high")}
+            other = [f"data.{k} {config.data[k]} (the run's: {v})" for k, v in data.items() if v != config.data[k]]
+            if other:
+                print(f"Note: evaluating on other points than the run trained on: {', '.join(other)}", flush=True)
         if subcommand == "fit":
             check_resumable(path, checkpoint, config)
+            check_latest(path, checkpoint["global_step"])
             data_state = checkpoint.get(SineData.__qualname__)
             self.resume = {
                 "path": path,
@@ -289,6 +345,25 @@ class DynnetCLI(LightningCLI):
                 "data_state": data_state if isinstance(data_state, dict) else {},
             }
         return str(path)
+
+    def _note_other_config(self, run: Path | None) -> None:
+        """Say so when the run that --ckpt_path last or best took was trained with settings other than those the
+        command's config files give: the newest run may come from another config."""
+        if run is None or not (run / "config.yaml").is_file():
+            return
+        trained = dict(_leaves(load_yaml(run / "config.yaml")))
+        for path, content in self.config_files.items():
+            other = [
+                f"{key} is {trained.get(key)}, not {value}"
+                for key, value in _leaves(content)
+                if key != "trainer.default_root_dir" and trained.get(key) != value
+            ]
+            if other:
+                print(
+                    f"Note: run {run.name} was trained with another config than {path} ({run / 'config.yaml'}): "
+                    + "; ".join(other),
+                    flush=True,
+                )
 
     def _enter_run(self, config) -> None:
         """Create the run folder for a fresh fit, or take the resumed checkpoint's, and lock it (rank 0 only)."""
@@ -410,8 +485,14 @@ class DynnetCLI(LightningCLI):
             check_resumed_batches(trained, steps, validation_steps(trainer, data.steps_per_epoch))
 
     def after_fit(self) -> None:
-        if self.trainer.barebones and self.trainer.is_global_zero:  # Run, which prints it otherwise, is off
-            print(f"Result: {self.model.model.formula()}", flush=True)
+        if self.trainer.barebones and self.trainer.is_global_zero:  # Run, which prints them otherwise, is off
+            print(f"Result: {self.model.model.formula()}\n{self.model.quality(self.datamodule)}", flush=True)
+
+    def after_validate(self) -> None:
+        if self.trainer.is_global_zero:  # below Lightning's table of the metrics, in the fit's words
+            print(self.model.quality(self.datamodule), flush=True)
+
+    after_test = after_validate
 
     def _config_yaml(self) -> str | None:
         if self.run_path is None:
@@ -432,7 +513,7 @@ def main(args: ArgsType = None) -> None:
         try:
             DynnetCLI(args=args, cleanup=cleanup)
         except Interrupted as stop:
-            print(f"{stop}; resume with --ckpt_path last", file=sys.stderr, flush=True)
+            print(f"{stop}; {_resume_advice(stop, args)}", file=sys.stderr, flush=True)
             cleanup.close()
             sys.exit(128 + stop.signum)
         except SIGTERMException:  # Lightning's own handler, during the few moments before dynnet's takes over
@@ -453,6 +534,31 @@ def main(args: ArgsType = None) -> None:
             cleanup.close()
             reason = re.sub(r"^\[[^]]*\] *", "", one_line(err))  # gloo's source location
             sys.exit(f"dynnet: error: a process of this distributed run stopped or cannot be reached: {reason}")
+
+
+def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """A config's settings as (dotted key, value) pairs: ``optimizer.init_args.lr``."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], tree
+
+
+def _resume_advice(stop: Interrupted, args: ArgsType) -> str:
+    """The whole command that resumes a stopped fit, ready to paste: the same config files and flags, the run by
+    name and its last checkpoint; or why there is none."""
+    if stop.saved_run is None:
+        return "nothing was saved (checkpointing is off), so there is no checkpoint to resume from"
+    given, kept = list(sys.argv[1:] if args is None else args), []
+    skip = False
+    for token in given:  # the command's own flags, less the checkpoint and run it named (the resume names them)
+        if skip or token.partition("=")[0] in ("--ckpt_path", "--run"):
+            skip = not skip and "=" not in token
+            continue
+        kept.append(token)
+    run = Path(stop.saved_run).name
+    return f"resume with: {shlex.join(dynnet_command(*kept, '--ckpt_path', 'last', '--run', run))}"
 
 
 def _end_process_group() -> None:

@@ -2,6 +2,8 @@
 did itself, and the failures it turns into one line."""
 
 import logging
+import os
+import sys
 import threading
 import warnings
 
@@ -59,3 +61,13 @@ def lost_peer(err: RuntimeError) -> bool:
     return distributed and (
         isinstance(err, torch.distributed.DistError) or any(s in str(err) for s in ("gloo", "NCCL"))
     )
+
+
+def dynnet_command(*args: str) -> list[str]:
+    """The words that run ``dynnet ARGS`` as this process was run: the same ``dynnet`` script (a relative path
+    works from the same folder, as the README's ``.venv/bin/dynnet`` does), else this interpreter with ``-m
+    dynnet``, since a bare ``dynnet`` is found only when its folder is on PATH. Join them with shlex.join."""
+    script = sys.argv[0] if sys.argv else ""
+    if os.path.basename(script) == "dynnet" and os.sep in script:
+        return [script, *args]
+    return [sys.executable, "-m", "dynnet", *args]

@@ -20,6 +20,7 @@ class Interrupted(Exception):
 
     def __init__(self, signum: int, step: int | None) -> None:
         self.signum, self.step = signum, step
+        self.saved_run: str | None = None  # the run folder whose last.ckpt now holds this step, once saved
         where = f"at step {step}" if step is not None else "before training started"
         super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
 

@@ -21,11 +21,14 @@ from dynnet.errors import Interrupted
 from dynnet.limits import check_memory, check_numbers, prediction_bytes, training_bytes
 from dynnet.model import DynamicPolynomial, ExpectedLoss, polynomial
 from dynnet.resume import apply_changed_optimizer_arguments, run_settings
-from dynnet.steps import refuse_unsupported, validation_steps
+from dynnet.steps import VALIDATION_METRICS, refuse_unsupported, validation_steps
 from dynnet.yaml_files import load_yaml
 
 # The tutorial's optimizer, which a DynamicNet trains with unless something else configures one.
 TUTORIAL_LR, TUTORIAL_MOMENTUM = 1e-8, 0.9
+# An expected loss this many times its minimum is a poor fit: the tutorial's run ends 1.2% above it, and an
+# optimizer at a learning rate that has not converged ends hundreds of times above.
+POOR_FIT = 10
 
 
 class DynamicNet(LightningModule):
@@ -160,7 +163,7 @@ class DynamicNet(LightningModule):
             scheduler = config.scheduler
             if _plateau(config):
                 for group in scheduler.optimizer.param_groups:
-                    check_plateau(group["lr"], scheduler.factor, scheduler.eps)
+                    check_plateau(group["lr"], scheduler.factor, scheduler.eps, _monitor(config))
             total = getattr(scheduler, "total_steps", None)  # OneCycleLR's: it refuses to step past it
             if total is not None and config.interval == "step" and total < trainer.max_steps:
                 raise ValueError(
@@ -286,20 +289,30 @@ class DynamicNet(LightningModule):
         # At the optimum the gap is 0 up to float64 rounding, which can make it a hair negative.
         return {"expected_loss": loss, "optimality_gap": gap, "log10_gap": torch.log10(gap.clamp_min(1e-16))}
 
+    def quality(self, data: SineData | None = None) -> str:
+        """How good the fit is, in one line: the expected loss on the data's points (SineData()'s, the tutorial's,
+        by default), its closed-form minimum, and how far above it the fit is; a plain word when that is far.
+        ``dynnet fit``, ``validate`` and ``test`` print it after their results."""
+        if data is None:
+            data = SineData()
+        if not hasattr(data, "x"):  # not set up by a Trainer: the points as a fit makes them
+            data.setup("validate")
+        loss = float(self.evaluate(data.x.to(self.device), data.y.to(self.device))["expected_loss"])
+        best = float(self._evaluation[2])
+        ratio = loss / best
+        if ratio <= POOR_FIT:
+            return f"Expected loss: {loss:.5g}, {100 * max(ratio - 1, 0):.3g}% above its closed-form minimum {best:.5g}"
+        return (
+            f"Expected loss: {loss:.5g}, {ratio:,.0f} times its closed-form minimum {best:.5g}: a poor fit; train "
+            "longer (max_steps), or search optimizers and learning rates with dynnet-sweep"
+        )
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         metrics = self._log_evaluation(batch, "val")
         if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
             for config in self.trainer.lr_scheduler_configs:
-                if _plateau(config):
-                    # Lightning drops a scheduler's monitor under manual optimization; LightningCLI's
-                    # ReduceLROnPlateau keeps its own, torch's monitors the expected loss.
-                    monitor = getattr(config.scheduler, "monitor", "val/expected_loss")
-                    if monitor not in metrics:
-                        raise ValueError(
-                            f"ReduceLROnPlateau monitors {monitor!r}, which validation does not log; "
-                            f"use one of {', '.join(metrics)}"
-                        )
-                    self.lr_scheduler_step(config.scheduler, metrics[monitor])
+                if _plateau(config):  # its monitor was checked when the fit started
+                    self.lr_scheduler_step(config.scheduler, metrics[_monitor(config)])
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._log_evaluation(batch, "test")
@@ -400,15 +413,27 @@ class DynamicNet(LightningModule):
         self.resumed_from = checkpoint["run_settings"]
 
 
-def check_plateau(lr: float, factor: float, eps: float) -> None:
-    """Refuse a ReduceLROnPlateau that could never lower the lr: torch skips a reduction smaller than its eps
-    (1e-8 by default), and at the tutorial's lr of 1e-8 every reduction is smaller."""
+def check_plateau(lr: float, factor: float, eps: float, monitor: str) -> None:
+    """Refuse a ReduceLROnPlateau that monitors what validation does not log, or that could never lower the lr:
+    torch skips a reduction smaller than its eps (1e-8 by default), and at the tutorial's lr of 1e-8 every
+    reduction is smaller."""
+    if monitor not in VALIDATION_METRICS:
+        raise ValueError(
+            f"ReduceLROnPlateau monitors {monitor!r}, which validation does not log; use one of "
+            f"{', '.join(VALIDATION_METRICS)}"
+        )
     if 0 < lr * (1 - factor) <= eps:
         raise ValueError(
             f"ReduceLROnPlateau skips reductions smaller than its eps ({eps:g}), and at lr {lr:g} with factor "
             f"{factor:g} every reduction is: give it eps={lr * 1e-8:g} (--lr_scheduler.eps {lr * 1e-8:g}), the lr "
             "times torch's default 1e-8"
         )
+
+
+def _monitor(config) -> str:
+    """What a ReduceLROnPlateau steps on. Lightning drops a scheduler's monitor under manual optimization;
+    LightningCLI's ReduceLROnPlateau keeps its own, torch's monitors the expected loss."""
+    return getattr(config.scheduler, "monitor", "val/expected_loss")
 
 
 def _plateau(config) -> bool:

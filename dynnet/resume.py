@@ -8,6 +8,7 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 
+from dynnet.checkpoint import load_checkpoint
 from dynnet.checks import import_class, last_step, precision_name
 
 
@@ -103,6 +104,21 @@ def check_resumable(path: Path, checkpoint: dict, config) -> None:
         raise ValueError(
             f"cannot resume from {path} with a changed {name}: it is {new}, the run was trained with {old}; "
             "resume with the run's value, or start a new run without --ckpt_path"
+        )
+
+
+def check_latest(path: Path, step: int) -> None:
+    """Refuse to resume a run from one of its checkpoints that is older than its last.ckpt: the resumed fit saves
+    last.ckpt, and would replace the run's newer state with a branch of an older one."""
+    last = path.parent / "last.ckpt"
+    if path.parent.name != "checkpoints" or not last.is_file() or last.samefile(path):
+        return
+    newer = load_checkpoint(last)["global_step"]
+    if newer > step:
+        raise ValueError(
+            f"checkpoint {path} is at step {step}, but its run has gone on to step {newer} (last.ckpt), which "
+            "resuming from it would replace: resume with --ckpt_path last, or copy the checkpoint out of the run to "
+            "start a new run from it"
         )
 
 

@@ -12,6 +12,7 @@ import fcntl
 import os
 import re
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
@@ -75,16 +76,29 @@ def newest_first(parent: Path) -> list[Path]:
     """The runs under parent, the one a process most recently started training in first. The start is what
     run.lock records, not its modification time, which anything can change."""
     folders = parent.iterdir() if parent.is_dir() else []
-    runs = [p for p in folders if (p / LOCK).is_file() or (p / "config.yaml").is_file()]
+    runs = [p for p in folders if lock_record(p) or (p / "config.yaml").is_file()]
     return sorted(runs, key=lambda p: (started(p), p.name), reverse=True)
 
 
 def started(run: Path) -> int:
     """When a process last started training in run (nanoseconds since the epoch), as run.lock records; 0 when it
     records none."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        return int((run / LOCK).read_text().split()[1])
+    with contextlib.suppress(ValueError, IndexError):
+        return int(lock_record(run)[1])
     return 0
+
+
+def lock_record(run: Path) -> list[str]:
+    """What run.lock records, "pid start_ns", split; empty when it is missing or not a regular file. Opened without
+    following a link or waiting on a FIFO, and checked to be a regular file before a byte is read."""
+    try:
+        descriptor = os.open(run / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return []
+    with os.fdopen(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return []
+        return file.read(64).decode(errors="replace").split()
 
 
 def last_checkpoint(run: Path, named: bool = True) -> Path:
@@ -118,9 +132,8 @@ class RunLock:
             fcntl.flock(self.descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.release()
-            holder = "another process"
-            with contextlib.suppress(OSError, IndexError):
-                holder = f"process {(run / LOCK).read_text().split()[0]}"
+            record = lock_record(run)
+            holder = f"process {record[0]}" if record else "another process"
             raise RunError(f"run {run} is in use by {holder}: wait for it to finish, or start a new run") from None
         # Who holds the run, and since when: the start makes this the newest run for --ckpt_path last.
         record = f"{os.getpid()} {time.time_ns()}\n".encode()
@@ -270,6 +283,7 @@ class Run(Checkpoint):
             rate = steps / max(seconds, 1e-9)
             print(f"Trained {steps} step{'' if steps == 1 else 's'} in {seconds:.3f} s ({rate:.0f} steps/s)")
             print(f"Result: {pl_module.model.formula()}")
+            print(pl_module.quality(trainer.datamodule))
             logs = log_dir if trainer.loggers else self.path
             if logs:  # fast_dev_run writes none
                 print(f"Logs: {logs}")
@@ -279,6 +293,8 @@ class Run(Checkpoint):
         if isinstance(exception, Interrupted):
             pl_module.log_final_evaluation()
             self.save(trainer)
+            if self.save_last and not trainer.fast_dev_run:  # the stop line offers a resume only from a save
+                exception.saved_run = str(self.path)
 
     def save(self, trainer: Trainer, again: bool = False) -> None:
         """Save last.ckpt, unless it already holds this step and ``again`` is False."""

@@ -30,7 +30,8 @@ from lightning.pytorch.callbacks import (
 # throughput): with one of them every batch is a single optimizer step, so that they count optimizer steps.
 BATCH_COUNTED = (TQDMProgressBar, RichProgressBar, LearningRateMonitor, DeviceStatsMonitor, ThroughputMonitor)
 # What dynnet logs: what EarlyStopping, ModelCheckpoint and ReduceLROnPlateau can monitor.
-MONITORABLE = ("val/expected_loss", "val/optimality_gap", "val/log10_gap", "train/loss")
+VALIDATION_METRICS = ("val/expected_loss", "val/optimality_gap", "val/log10_gap")  # what ReduceLROnPlateau can
+MONITORABLE = (*VALIDATION_METRICS, "train/loss")
 
 
 def batch_steps(trainer: Trainer, steps_per_batch: int, steps_per_epoch: int) -> int:

@@ -1,5 +1,6 @@
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -59,6 +60,14 @@ def result(text: str) -> list[float]:
 def dynnet(*args: str, **kwargs) -> subprocess.CompletedProcess:
     """`dynnet ARGS` run as a real command, its output captured (kwargs for subprocess.run: env, cwd, check)."""
     return subprocess.run([sys.executable, "-m", "dynnet", *args], capture_output=True, text=True, **kwargs)
+
+
+def stop_line(stderr: str, stop: str) -> list[str]:
+    """The resume command a stopped fit printed as its last line, ``<stop>; resume with: COMMAND``, as words."""
+    line = stderr.strip().splitlines()[-1]
+    prefix = f"{stop}; resume with: "
+    assert line.startswith(prefix), line
+    return shlex.split(line[len(prefix) :])
 
 
 def plain_loop(*args: str) -> list[float]:

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,10 @@ import yaml
 from conftest import ROOT, TINY, error_of, last, plain_loop, result, run_dir
 
 from dynnet.checkpoint import load_checkpoint
-from dynnet.cli import main
+from dynnet.cli import FIT_EPILOG, SUBCOMMANDS, main
+from dynnet.module import DynamicNet
+
+DEFAULT, FAST = str(ROOT / "configs" / "default.yaml"), str(ROOT / "configs" / "fast.yaml")
 
 
 def test_short_fit_learns_and_writes_its_run(fit, tmp_path):
@@ -66,3 +70,48 @@ def test_bad_values_get_one_line(tmp_path, capsys, flag, value, message):
 def test_main_takes_an_argument_list(tmp_path, capsys):
     main(["validate", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
     assert "val/expected_loss" in capsys.readouterr().out
+
+
+def test_a_fit_and_its_evaluations_end_with_the_answers_quality(fit, tmp_path, capsys):
+    out, _ = fit("-c", FAST, "--trainer.enable_progress_bar", "false")
+    lines = out.splitlines()
+    quality = lines[next(i for i, line in enumerate(lines) if line.startswith("Result: ")) + 1]
+    assert re.fullmatch(r"Expected loss: 8\.755\d, 0\.0\d+% above its closed-form minimum 8\.7553", quality), quality
+    for command in ("validate", "test"):
+        main([command, "-c", FAST, "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path)])
+        assert capsys.readouterr().out.strip().splitlines()[-1] == quality
+    assert DynamicNet.load_from_checkpoint(last(tmp_path)).quality() == quality  # the README's line in Python
+
+
+def test_a_poor_fit_says_so_and_what_to_try(fit):
+    out, _ = fit(*TINY, "--optimizer", "torch.optim.Adam")
+    assert re.search(
+        r"^Expected loss: \S+, [\d,]+ times its closed-form minimum 8\.7553: a poor fit; train longer \(max_steps\), "
+        r"or search optimizers and learning rates with dynnet-sweep$",
+        out,
+        re.M,
+    ), out
+
+
+def test_evaluation_says_when_the_run_had_another_config_or_other_points(fit, tmp_path, capsys):
+    fit("-c", FAST, "--trainer.max_steps", "200", "--trainer.enable_progress_bar", "false")
+    run = run_dir(tmp_path)
+    main(["predict", "-c", DEFAULT, "--ckpt_path", "last", "--data.n_points", "100",
+          "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    out = capsys.readouterr().out
+    note = f"Note: run version_0 was trained with another config than {DEFAULT} ({run / 'config.yaml'}): "
+    assert note in out and "optimizer.class_path is torch.optim.Adam, not torch.optim.SGD" in out
+    assert "Note: evaluating on other points than the run trained on: data.n_points 100 (the run's: 2000)" in out
+
+
+def test_help_speaks_of_dynnet(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = " ".join(capsys.readouterr().out.split())
+    assert all(" ".join(sentence.split()) in listing for sentence in SUBCOMMANDS.values())
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = capsys.readouterr().out
+    assert text.rstrip().endswith(FIT_EPILOG)  # the flags people use, where the help ends
+    for flag in ("limit_train_batches", "overfit_batches", "accumulate_grad_batches"):
+        assert re.search(rf"^  --trainer\.{flag} {flag.upper()}\n +Refused by dynnet: ", text, re.M), flag

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, dynnet, error_of, last, run_dir
+from conftest import ROOT, TINY, dynnet, error_of, last, run_dir, stop_line
 
 from dynnet import command as entry_point
 from dynnet.checkpoint import load_checkpoint
@@ -144,8 +144,31 @@ def test_a_stop_that_library_code_swallows_still_ends_the_command(monkeypatch, c
 def test_a_swallowed_stop_stops_training_before_its_first_step(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(entry_point, "received", signal.SIGTERM)
     error = error_of(["fit", "-c", DEFAULT, *TINY, "--trainer.default_root_dir", str(tmp_path)], capsys)
-    assert error.splitlines()[-1] == "stopped by SIGTERM at step 0; resume with --ckpt_path last"
+    assert stop_line(error, "stopped by SIGTERM at step 0")[-4:] == ["--ckpt_path", "last", "--run", "version_0"]
     assert load_checkpoint(last(tmp_path, "version_0"))["global_step"] == 0
+
+
+def test_a_stop_with_checkpointing_off_promises_no_resume(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(entry_point, "received", signal.SIGTERM)
+    args = ["fit", "-c", DEFAULT, *TINY, "--trainer.enable_checkpointing", "false"]
+    error = error_of([*args, "--trainer.default_root_dir", str(tmp_path)], capsys)
+    assert error.splitlines()[-1] == "stopped by SIGTERM at step 0; nothing was saved (checkpointing is off), so " \
+        "there is no checkpoint to resume from"  # fmt: skip
+    assert not last(tmp_path).exists()
+
+
+def test_a_lock_record_that_is_a_fifo_never_hangs_a_command(tmp_path, fit):
+    fit("-c", DEFAULT, *TINY)
+    record = run_dir(tmp_path) / "run.lock"
+    record.unlink()
+    os.mkfifo(record)  # reading it would wait for a writer that never comes
+    root = ["--trainer.default_root_dir", str(tmp_path)]
+    evaluated = dynnet("validate", "-c", DEFAULT, "--ckpt_path", "last", *root, timeout=120)
+    assert evaluated.returncode == 0, evaluated.stderr
+    resumed = dynnet("fit", "-c", DEFAULT, *TINY, "--trainer.max_steps", "300", "--ckpt_path", "last", *root,
+                     timeout=120)  # fmt: skip
+    assert resumed.stderr.strip() == f"dynnet: error: refusing to replace {record}: it is a FIFO (named pipe), not " \
+        "a regular file"  # fmt: skip
 
 
 @pytest.mark.slow
@@ -168,7 +191,7 @@ def test_sighup_stops_at_a_step_and_saves_it_as_sigterm_does(tmp_path):
     _, err = process.communicate(timeout=120)
     step = load_checkpoint(last(tmp_path))["global_step"]
     assert process.returncode == 129
-    assert err.strip().splitlines()[-1] == f"stopped by SIGHUP at step {step}; resume with --ckpt_path last"
+    assert stop_line(err, f"stopped by SIGHUP at step {step}")[-4:] == ["--ckpt_path", "last", "--run", "version_0"]
 
 
 # ------------------------------------------------------------------------------------------------ bounds
@@ -181,12 +204,27 @@ def billion_laughs(levels: int = 9) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_a_yaml_bomb_is_refused_in_one_line(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "spelling, named",
+    [(["-c", "{}"], "config file"), (["--config={}"], "config file"), (["--trainer", "{}"], "--trainer file"),
+     (["--trainer={}"], "--trainer file"), (["--model", "{}"], "--model file")],
+    ids=["-c", "--config=", "--trainer", "--trainer=", "--model"],
+)  # fmt: skip
+def test_a_yaml_bomb_file_is_refused_in_one_line_however_it_is_given(tmp_path, capsys, spelling, named):
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(billion_laughs())
-    error = error_of(["fit", "-c", str(bomb), "--trainer.default_root_dir", str(tmp_path)], capsys)
-    assert error == f"dynnet: error: config file {bomb} was refused: with its aliases expanded it holds more than " \
+    args = [token.format(bomb) for token in spelling]
+    error = error_of(["fit", *args, "--trainer.default_root_dir", str(tmp_path)], capsys)
+    assert error == f"dynnet: error: {named} {bomb} was refused: with its aliases expanded it holds more than " \
         f"{MAX_VALUES} values (a YAML bomb, or not a config)"  # fmt: skip
+    big = tmp_path / "big.yaml"
+    big.write_text("a: 1\n" * 300_000)  # valid YAML, larger than any config
+    error = error_of(["fit", *[token.format(big) for token in spelling]], capsys)
+    assert error == f"dynnet: error: {named} {big} is {big.stat().st_size} bytes, more than a config's {1 << 20}"
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_a_yaml_bomb_value_is_refused_in_one_line(tmp_path, capsys):
     flow = "{" + billion_laughs().replace("\n", ", ").rstrip(", ") + "}"
     error = error_of(["fit", f"--trainer.callbacks={flow}", "--trainer.default_root_dir", str(tmp_path)], capsys)
     assert error.endswith("was refused: its YAML aliases expand without end")

@@ -5,6 +5,7 @@ Every case is a tiny CPU fit: epochs of 100 steps, train batches of at most 50 s
 """
 
 import csv
+import os
 from contextlib import ExitStack
 
 import pytest
@@ -318,6 +319,11 @@ def test_logger_off_writes_no_events(tmp_path):
         ),
         (callback('{"class_path": "EarlyStopping", "init_args": {"monitor": "nope"}}'), "monitors 'nope'"),
         (["--trainer.strategy", "ddp_spawn", "--trainer.devices", "2"], "ddp_spawn is not supported"),
+        (
+            ["--lr_scheduler", "ReduceLROnPlateau", "--lr_scheduler.eps", "1e-16", "--lr_scheduler.monitor", "val/los"],
+            "ReduceLROnPlateau monitors 'val/los', which validation does not log",
+        ),
+        (["--trainer.devices", str(len(os.sched_getaffinity(0)) + 1)], "give at most"),
     ],
     ids=[
         "limit_train_batches",
@@ -331,6 +337,8 @@ def test_logger_off_writes_no_events(tmp_path):
         "accumulation-scheduler",
         "monitor-typo",
         "ddp_spawn",
+        "plateau-monitor-typo",
+        "more-devices-than-cores",
     ],
 )
 def test_refused_with_one_line(tmp_path, capsys, flags, refused):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, dynnet, error_of, last, result, run_dir
+from conftest import ROOT, TINY, dynnet, error_of, last, result, run_dir, stop_line
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dynnet.checkpoint import MAX_CHECKPOINT_BYTES, load_checkpoint
@@ -179,9 +179,9 @@ def test_a_refused_writer_changes_nothing(tmp_path):
     run = run_dir(tmp_path)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from dynnet.run import RunLock; "
-         "RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(run)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+         "RunLock(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()", str(run)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip  (it holds the lock until the test closes its input, however slow the machine)
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in run.rglob("*")}
@@ -200,9 +200,23 @@ def test_a_refused_writer_changes_nothing(tmp_path):
             assert refused.returncode != 0 and f"is in use by process {holder.pid}" in refused.stderr
         after = {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in run.rglob("*")}
         assert after == before
+        assert holder.poll() is None  # still holding: the refusals above met a held lock
     finally:
-        holder.kill()
+        holder.stdin.close()
         holder.wait()
+
+
+def test_a_resume_from_an_older_checkpoint_never_replaces_the_runs_newer_state(tmp_path, capsys):
+    every_100 = '{"class_path": "ModelCheckpoint", "init_args": {"every_n_train_steps": 100, "save_top_k": -1}}'
+    fit(tmp_path, f"--trainer.callbacks+={every_100}")
+    older = run_dir(tmp_path) / "checkpoints" / "epoch=0-step=100.ckpt"
+    before = last(tmp_path).read_bytes()
+    error = error_of(["fit", "-c", DEFAULT, *TINY, "--trainer.max_steps", "400", "--ckpt_path", str(older),
+                      "--trainer.default_root_dir", str(tmp_path)], capsys)  # fmt: skip
+    assert error == f"dynnet: error: checkpoint {older} is at step 100, but its run has gone on to step 200 " \
+        "(last.ckpt), which resuming from it would replace: resume with --ckpt_path last, or copy the checkpoint " \
+        "out of the run to start a new run from it"  # fmt: skip
+    assert last(tmp_path).read_bytes() == before
 
 
 def test_two_fresh_fits_at_once_get_two_runs(tmp_path):
@@ -264,10 +278,11 @@ def test_a_signal_stops_at_a_step_saves_it_and_resumes_exactly(tmp_path, uninter
     step = checkpoint["global_step"]
     assert stopped.returncode == code
     name = signal.Signals(signum).name
-    assert stopped.stderr.strip().splitlines()[-1] == f"stopped by {name} at step {step}; resume with --ckpt_path last"
+    command = stop_line(stopped.stderr, f"stopped by {name} at step {step}")
+    assert command[-4:] == ["--ckpt_path", "last", "--run", "version_0"]
     assert 1000 <= step < 6000 and "Result:" not in stopped.stdout
     assert val_steps(run_dir(tmp_path / "stopped"))[-1] == step  # evaluated where it stopped
-    resumed = dynnet(*LONG, "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path / "stopped"), check=True)
+    resumed = subprocess.run(command, capture_output=True, text=True, check=True)  # the printed command, as printed
     assert f"at step {step}" in resumed.stdout
     assert result(resumed.stdout) == result(whole.stdout)  # bitwise: float reprs round-trip
     assert parameters(last(tmp_path / "stopped")) == parameters(last(whole_root))

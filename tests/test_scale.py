@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, free_port, plain_loop, result
+from conftest import ROOT, free_port, plain_loop, result, stop_line
 
 from dynnet.checkpoint import load_checkpoint
 
@@ -93,7 +93,7 @@ def test_sigterm_under_ddp_stops_every_process_at_one_step_and_resumes_exactly(t
     _, err = process.communicate(timeout=300)
     step = load_checkpoint(checkpoint)["global_step"]
     assert process.returncode == 143, err[-3000:]
-    assert err.strip().splitlines()[-1] == f"stopped by SIGTERM at step {step}; resume with --ckpt_path last"
+    assert stop_line(err, f"stopped by SIGTERM at step {step}")[-4:] == ["--ckpt_path", "last", "--run", "version_0"]
     assert 1000 <= step < 4000
     resumed = subprocess.run([sys.executable, *long, "--ckpt_path", "last", "--trainer.default_root_dir", str(root)],
                              capture_output=True, text=True, timeout=300)  # fmt: skip
