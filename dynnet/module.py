@@ -266,12 +266,15 @@ class DynamicNet(LightningModule):
         if self.trainer.world_size > 1:
             loss = self.trainer.strategy.reduce(loss, reduce_op="sum")  # each process holds one slice's sum
         values = torch.cat([loss.reshape(1), self.model.flat().detach()]).tolist()
+        # TensorBoard's Scalars and Time Series tabs group tags by their first part and open only the first two
+        # groups in tag order (character codes, case-sensitive): the coefficients' and the degrees' groups sort
+        # after train/ and val/, so that the loss and the gap open and these wait below.
         metrics = {"train/loss": values[0]}
-        metrics |= {f"coef/{name}": v for name, v in zip(self.model.names(), values[1:])}
+        metrics |= {f"weights/{name}": v for name, v in zip(self.model.names(), values[1:])}
         metrics["train/lr"] = self.optimizers().optimizer.param_groups[0]["lr"]
         total = sum(self.degree_counts)
         for degree, count in enumerate(self.degree_counts, self.model.min_degree):
-            metrics[f"degree/{degree}"] = count / total
+            metrics[f"with_degree/{degree}"] = count / total
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
 

@@ -137,7 +137,8 @@ def layout(model: DynamicPolynomial) -> dict:
             "val/log10_gap (the optimality gap, log10)": ["Multiline", ["^val/log10_gap$"]],
         },
         "coefficients": {
-            f"coef/{name} ({power})": ["Multiline", [f"^coef/{name}$"]] for name, power in zip(model.names(), powers)
+            f"weights/{name} ({power})": ["Multiline", [f"^weights/{name}$"]]
+            for name, power in zip(model.names(), powers)
         },
     }
 

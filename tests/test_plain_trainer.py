@@ -115,7 +115,7 @@ def test_identical_settings_give_identical_runs_both_ways(tmp_path):
     plain_run = tmp_path / "plain" / "lightning_logs" / "version_0"
     cli_run = tmp_path / "cli" / "lightning_logs" / "version_0"
     assert trainer.global_step == cli.trainer.global_step == 250  # stopped early, at min_steps
-    for tag in ("train/loss", "coef/e", "val/expected_loss"):
+    for tag in ("train/loss", "weights/e", "val/expected_loss"):
         assert scalar_steps(plain_run, tag) == scalar_steps(cli_run, tag), tag
     assert scalar_steps(plain_run, "train/loss") == list(range(20, 251, 20))
     assert scalar_steps(plain_run, "val/expected_loss") == [70, 140, 210, 250]

@@ -2,6 +2,7 @@
 
 import contextlib
 import csv
+import functools
 import json
 import os
 import signal
@@ -17,7 +18,47 @@ from conftest import ROOT, TINY, free_port, last, result
 from dynnet.cli import main
 from dynnet.predictions import export_main
 
-COEFFICIENTS = [f"coef/{name}" for name in "abcde"]
+COEFFICIENTS = [f"weights/{name}" for name in "abcde"]
+
+
+def compare_tags(a: str, b: str, breaks: str) -> int:
+    """TensorBoard's compareTagNames, the order of its tag lists: character by character, by character code (so
+    case-sensitive: "Z" < "a"), a character of ``breaks`` or a digit before any other, and a run of digits against
+    another by its value (TensorBoard also reads decimals and exponents there, which no dynnet tag has)."""
+
+    def digit(c: str) -> bool:
+        return "0" <= c <= "9"
+
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if digit(a[i]) and digit(b[j]):
+            start_a, start_b = i, j
+            while i < len(a) and digit(a[i]):
+                i += 1
+            while j < len(b) and digit(b[j]):
+                j += 1
+            if int(a[start_a:i]) != int(b[start_b:j]):
+                return -1 if int(a[start_a:i]) < int(b[start_b:j]) else 1
+            continue
+        first_a, first_b = a[i] in breaks or digit(a[i]), b[j] in breaks or digit(b[j])
+        if first_a != first_b:
+            return -1 if first_a else 1
+        if not first_a and a[i] != b[j]:  # two break characters count as equal
+            return -1 if a[i] < b[j] else 1
+        i, j = i + 1, j + 1
+    return (i < len(a)) - (j < len(b))
+
+
+def opened_groups(tags, breaks: str) -> dict[str, list[str]]:
+    """The tag groups TensorBoard opens, with their charts in order. The Scalars tab (the tf-scalar-dashboard, with
+    tf-categorization-utils; breaks "/_") and the Time Series tab (the metrics store; breaks "/") both sort the tags,
+    group them by what comes before the first "/" in that order, and open the first two groups only
+    (tensorboard/webfiles.zip, index.js: ``_shouldOpen(index) <= 2``, index 0 being the tag filter's results;
+    ``tagGroupExpanded`` set for ``groups.slice(0, 2)``)."""
+    groups: dict[str, list[str]] = {}
+    for tag in sorted(tags, key=functools.cmp_to_key(lambda a, b: compare_tags(a, b, breaks))):
+        groups.setdefault(tag.split("/", 1)[0], []).append(tag)
+    return dict(list(groups.items())[:2])
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +112,7 @@ def tensorboard(run):
 def test_tensorboard_serves_the_whole_story(tensorboard):
     scalars = tensorboard("/data/plugin/scalars/tags")["version_0"]
     for tag in ["train/loss", "train/lr", "val/expected_loss", "val/optimality_gap", *COEFFICIENTS,
-                "degree/3", "degree/4", "degree/5"]:  # fmt: skip
+                "with_degree/3", "with_degree/4", "with_degree/5"]:  # fmt: skip
         assert tag in scalars, tag
     points = tensorboard("/data/plugin/scalars/scalars", run="version_0", tag="train/loss")
     assert [step for _, step, _ in points] == list(range(20, 201, 20))  # one point per logging interval
@@ -81,6 +122,22 @@ def test_tensorboard_serves_the_whole_story(tensorboard):
     assert "val/fit" in images
     assert len(tensorboard("/data/plugin/images/images", run="version_0", tag="val/fit")) == 2
     assert "result/text_summary" in tensorboard("/data/plugin/text/tags")["version_0"]
+
+
+@pytest.mark.parametrize("tab, breaks", [("scalars", "/_"), ("timeseries", "/")])
+def test_tensorboard_opens_on_the_loss_and_the_gap(tensorboard, tab, breaks):
+    # The rule as ported puts the coefficients and degrees first under the names they had (coef/, degree/), as
+    # TensorBoard did.
+    assert list(opened_groups(["coef/a", "degree/3", "train/loss", "val/optimality_gap"], breaks)) == ["coef", "degree"]
+    tags = list(tensorboard("/data/plugin/scalars/tags")["version_0"])
+    if tab == "timeseries":  # which shows the pictures among the scalars
+        tags += list(tensorboard("/data/plugin/images/tags")["version_0"])
+    opened = opened_groups(tags, breaks)
+    assert opened == {
+        "train": ["train/loss", "train/lr"],
+        "val": ["val/expected_loss", *(["val/fit"] if tab == "timeseries" else []), "val/log10_expected_loss",
+                "val/log10_gap", "val/optimality_gap"],
+    }  # fmt: skip
 
 
 def test_hparams_lists_the_tuned_settings_first(tensorboard):

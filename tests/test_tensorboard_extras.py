@@ -27,7 +27,7 @@ from dynnet.hparams import experiment_summary, session_start_summary
 from dynnet.tensorboard import LINKED_METRICS, LOG10_LOSS
 
 DEFAULT = ["-c", str(ROOT / "configs" / "default.yaml")]
-COEFFICIENTS = [f"coef/{name}" for name in "abcde"]
+COEFFICIENTS = [f"weights/{name}" for name in "abcde"]
 
 
 def events(root) -> EventAccumulator:
@@ -115,7 +115,7 @@ def test_a_fit_writes_images_hparams_layout_and_result(fit, tmp_path):
         (logs, "val/log10_gap (the optimality gap, log10)"): ["val/log10_gap"],
         # One chart each: TensorBoard draws every line of a run in one colour.
         **{("coefficients", f"{tag} (x^{power})"): [tag] for power, tag in enumerate(COEFFICIENTS[:4])},
-        ("coefficients", "coef/e (x^4, x^5)"): ["coef/e"],
+        ("coefficients", "weights/e (x^4, x^5)"): ["weights/e"],
     }
 
     text = run.Tensors("result/text_summary")[-1]
