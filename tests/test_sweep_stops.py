@@ -105,7 +105,8 @@ def test_a_late_result_is_discarded_with_one_line(tmp_path):
     root = tmp_path / "root"
     # Trials of a few seconds, validated four times; the pruner would stop a trial at its last validation only.
     fit = LONG_FIT | {"trainer.max_steps": 4000, "data.steps_per_epoch": 1000, "lr_scheduler.T_max": 4000}
-    config = sweep_file(tmp_path / "search.yaml", SEARCH, fit_args=fit, pruner=PRUNE_AT_THE_END)
+    pruner = PRUNE_AT_THE_END | {"n_warmup_steps": 4000}
+    config = sweep_file(tmp_path / "search.yaml", SEARCH, fit_args=fit, pruner=pruner)
     sweep = start(config, root, "--workers", "1", "--trials", "1")
     (trial,) = training(root, 1, sweep)
     pid = trial.user_attrs["pid"]

@@ -5,17 +5,18 @@ import contextlib
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import optuna
 from sqlalchemy.engine import make_url
 
 from dynnet.run import runs_dir
 from dynnet.sweep.config import DEFAULT_TRIALS, Sweep, load_sweep
-from dynnet.sweep.errors import PROG, Stopped, SweepError, raise_stopped
+from dynnet.sweep.errors import PROG, Stopped, SweepError, check_replaceable, printable, raise_stopped
 from dynnet.sweep.fit import check_fit
 from dynnet.sweep.hparams import EXPERIMENT_FILE, write_experiment
-from dynnet.sweep.report import report
-from dynnet.sweep.storage import safe_url
+from dynnet.sweep.report import outputs, report
+from dynnet.sweep.storage import safe_url, storage_errors
 from dynnet.sweep.study import experiment, open_study, tally
 from dynnet.sweep.workers import run_workers
 
@@ -96,17 +97,20 @@ def _sweep(flags: argparse.Namespace) -> None:
     made: list[Path] = []
     try:
         sweep = load_sweep(flags.config, flags)
+        for path in outputs(sweep.root):
+            check_replaceable(path)
         record = experiment(sweep, check_fit(sweep))
         made = _new_paths(sweep.root, sweep.storage)
-        sweep.root.mkdir(parents=True, exist_ok=True)  # before the study: the default SQLite file lives there
+        _make_folder(runs_dir(sweep.root))  # before the study: the default SQLite file lives in the root
         study = open_study(sweep, record)
-        finished, _ = tally(study)
-        _write_experiment(sweep)
+        with storage_errors(sweep.storage, "failed"):
+            finished, _ = tally(study)
+        write_experiment(sweep)
     except (SweepError, Stopped) as err:
         _remove(made)  # a refused start leaves nothing behind
         if isinstance(err, Stopped):
             raise
-        sys.exit(f"{PROG}: error: {err}")
+        _fail(err)
     print(
         f"Study {sweep.study} in {safe_url(sweep.storage)}: {finished} of {sweep.trials} trials finished; "
         f"runs under {runs_dir(sweep.root)}",
@@ -117,18 +121,32 @@ def _sweep(flags: argparse.Namespace) -> None:
         try:
             problems = run_workers(sweep)
         except Stopped:
-            report(study, sweep)  # the workers have stopped and told their trials
+            _report(study, sweep)  # the workers have stopped and told their trials
             raise
-    if not report(study, sweep):
+    if not _report(study, sweep):
         reason = "; ".join(problems) or "the workers stopped"
-        sys.exit(f"{PROG}: error: the study is not finished ({reason}); run the same command again to continue it")
+        _fail(f"the study is not finished ({reason}); run the same command again to continue it")
 
 
-def _write_experiment(sweep: Sweep) -> None:
+def _report(study: optuna.Study, sweep: Sweep) -> bool:
+    """report, a refusal in it (a study value that cannot be shown, a file that cannot be written) as one line."""
     try:
-        write_experiment(sweep)
+        with storage_errors(sweep.storage, "failed"):
+            return report(study, sweep)
+    except SweepError as err:
+        _fail(err)
+
+
+def _fail(reason: object) -> NoReturn:
+    """End the command with its one-line error (a value from the study in it shows its line breaks as escapes)."""
+    sys.exit(printable(f"{PROG}: error: {reason}"))
+
+
+def _make_folder(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise SweepError(f"cannot write {runs_dir(sweep.root) / EXPERIMENT_FILE}: {err.strerror}") from None
+        raise SweepError(f"cannot create {path}: {err.strerror}") from None
 
 
 def _new_paths(root: Path, storage: str) -> list[Path]:

@@ -2,17 +2,17 @@
 machine can run."""
 
 import argparse
-import contextlib
 import os
-import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 
 from dynnet.errors import one_line
+from dynnet.limits import available_memory
 from dynnet.sweep.errors import SweepError
 from dynnet.sweep.space import OPTIMIZER, SEED, flag_value, grid, parse_space
 from dynnet.sweep.storage import check_url, experimental_ok
@@ -129,6 +129,8 @@ def load_sweep(path: str, flags: argparse.Namespace) -> Sweep:
     else:
         workers = _workers("workers", raw.get("workers"))
     root = Path(flags.root or raw.get("root") or DEFAULT_ROOT_PARENT / study).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise SweepError(f"root {root} is not a folder")
     storage = flags.storage or raw.get("storage") or f"sqlite:///{root / 'study.db'}"
     check_url(storage)
     interval = _positive("heartbeat_interval", raw.get("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL))
@@ -144,8 +146,8 @@ def load_sweep(path: str, flags: argparse.Namespace) -> Sweep:
         space=space,
         objective=objective,
         direction=direction,
-        sampler=_class_spec("sampler", raw.get("sampler"), DEFAULT_SAMPLER, space),
-        pruner=_class_spec("pruner", raw.get("pruner"), DEFAULT_PRUNER, space),
+        sampler=_class_spec("sampler", raw.get("sampler"), DEFAULT_SAMPLER, space, trials),
+        pruner=_class_spec("pruner", raw.get("pruner"), DEFAULT_PRUNER, space, trials),
         trials=trials,
         workers=workers,
         storage=storage,
@@ -202,7 +204,7 @@ def _fit_optimizer(fit_config: Path, fit_args: Any) -> str:
     return spec if isinstance(spec, str) else TUTORIAL_OPTIMIZER
 
 
-def _class_spec(key: str, raw: Any, default: dict[str, Any], space: dict[str, Any]) -> dict[str, Any]:
+def _class_spec(key: str, raw: Any, default: dict[str, Any], space: dict[str, Any], trials: int) -> dict[str, Any]:
     """``sampler: {class: TPESampler, seed: 0}`` or ``sampler: RandomSampler``; checked by building it once."""
     if raw is None:
         spec = dict(default)
@@ -214,19 +216,20 @@ def _class_spec(key: str, raw: Any, default: dict[str, Any], space: dict[str, An
         raise SweepError(f"{key}: expected a class name of optuna.{key}s, or {{class: NAME, ARGUMENT: VALUE, ...}}")
     if key == "sampler" and spec["class"] == "TPESampler":
         spec = {"constant_liar": True} | spec  # parallel workers: see DEFAULT_SAMPLER
-    make(key, spec, space)
+    make(key, spec, space, trials)
     return spec
 
 
-def make(key: str, spec: dict[str, Any], space: dict[str, Any], seed_offset: int = 0) -> Any:
-    """The sampler or pruner a spec names, from optuna.samplers or optuna.pruners."""
+def make(key: str, spec: dict[str, Any], space: dict[str, Any], trials: int, seed_offset: int = 0) -> Any:
+    """The sampler or pruner a spec names, from optuna.samplers or optuna.pruners; a grid of more points than the
+    sweep's trials is refused before it is made."""
     module = optuna.samplers if key == "sampler" else optuna.pruners
     cls = getattr(module, spec["class"], None)
     if not isinstance(cls, type):
         raise SweepError(f"{key}: optuna.{key}s has no class {spec['class']!r}")
     kwargs = {k: v for k, v in spec.items() if k != "class"}
-    if cls is optuna.samplers.GridSampler and "search_space" not in kwargs:
-        kwargs["search_space"] = grid(space)
+    if cls is optuna.samplers.GridSampler:
+        kwargs["search_space"] = grid(kwargs.get("search_space", space), trials)
     if isinstance(kwargs.get("seed"), int):
         # Workers with one seed would draw the same random points; a rerun would repeat the first run's.
         kwargs["seed"] += seed_offset
@@ -254,7 +257,7 @@ def worker_cap() -> tuple[int, str]:
     """How many workers this machine can run, and why: one per core (a trial is a single-threaded loop of small
     tensor operations), and as many as the available memory holds."""
     count = cores()
-    memory = _available_memory()
+    memory = available_memory(torch.device("cpu"))
     if memory is None:
         return count, f"{count} cores; the available memory is unknown here"
     by_memory = memory // (WORKER_MEMORY_MB * 2**20)
@@ -265,22 +268,6 @@ def worker_cap() -> tuple[int, str]:
 def cores() -> int:
     """The cores this process may run on (a container or taskset can allow fewer than the machine has)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _available_memory() -> int | None:
-    """Bytes the workers may use: the kernel's estimate (MemAvailable), lowered to what a container's memory limit
-    (cgroup v2) leaves; None where the kernel does not say (not Linux)."""
-    try:
-        found = re.search(r"^MemAvailable:\s+(\d+) kB$", Path("/proc/meminfo").read_text(), re.M)
-    except OSError:
-        return None
-    if found is None:
-        return None
-    available = int(found.group(1)) * 1024
-    with contextlib.suppress(OSError, ValueError):  # no limit, or no cgroup v2
-        limit = int(Path("/sys/fs/cgroup/memory.max").read_text())
-        available = min(available, limit - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    return available
 
 
 def _positive(name: str, value: Any) -> int:

@@ -11,8 +11,6 @@ the study's experiment fixes), not from the trials so far.
 
 import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 from dynnet.hparams import Value, experiment_summary, run_settings, session_start_summary
 from dynnet.run import runs_dir
 from dynnet.sweep.config import OBJECTIVES, Sweep
+from dynnet.sweep.errors import write_file
 from dynnet.sweep.space import OPTIMIZER, SEED, Choice, Float, Int, short_name
 
 # The root's events file. A fixed name, replaced whole: every command on the study writes the same bytes there.
@@ -34,9 +33,6 @@ EXPERIMENT_FILE = "events.out.tfevents.0.dynnet-sweep"
 LISTED = 1000
 # The summary's time: fixed, so that every command writes the same bytes.
 WALL_TIME = 0.0
-# mkstemp creates files readable by their owner only; the events file gets the permissions any new file would.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 @dataclass(frozen=True)
@@ -139,24 +135,13 @@ def experiment_bytes(sweep: Sweep) -> bytes:
 
 def write_experiment(sweep: Sweep) -> Path:
     """Write the root's events file, unless it already holds this sweep's experiment (another command on the study
-    wrote it). Replaced whole, through a temporary file renamed into place: TensorBoard never sees two."""
+    wrote it). Replaced whole: TensorBoard never sees two."""
     path = runs_dir(sweep.root) / EXPERIMENT_FILE
     data = experiment_bytes(sweep)
     if path.is_file() and path.read_bytes() == data:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Not named like an events file: TensorBoard reads every file whose name holds "tfevents".
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".hparams-", suffix=".tmp")
-    try:
-        os.fchmod(descriptor, 0o666 & ~_UMASK)
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())  # renamed only once whole
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_file(path, data)
     return path
 
 

@@ -1,6 +1,6 @@
 """sweep.png: every trial's objective against its learning rate, one colour per optimizer, the best one marked."""
 
-from pathlib import Path
+import io
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -13,8 +13,8 @@ from dynnet.sweep.space import OPTIMIZER, short_name
 FLOOR = 1e-16
 
 
-def plot(path: Path, rows: list[dict[str, Any]], objective: str, title: str) -> None:
-    """The objective against the learning rate, one colour per optimizer, log axes: completed trials filled,
+def plot(rows: list[dict[str, Any]], objective: str, title: str) -> bytes:
+    """The PNG of the objective against the learning rate, one colour per optimizer, log axes: completed trials filled,
     pruned ones hollow at their last reported value, failed ones as crosses along the top, the best one ringed by
     a star. Rows are trials.csv's."""
     figure = Figure(figsize=(7, 4.5), dpi=100)
@@ -63,7 +63,9 @@ def plot(path: Path, rows: list[dict[str, Any]], objective: str, title: str) -> 
     axes.set(xlabel="learning rate" if by_lr else "trial", ylabel=objective, title=title)
     axes.grid(True, which="major", alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path)
+    image = io.BytesIO()
+    figure.savefig(image, format="png")
+    return image.getvalue()
 
 
 def _point(row: dict[str, Any], objective: str, by_lr: bool) -> tuple[Any, float]:

@@ -2,6 +2,8 @@
 reproduces it, and trials.csv and sweep.png in the sweep's root."""
 
 import csv
+import io
+import re
 import shlex
 import socket
 from pathlib import Path
@@ -10,14 +12,20 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from dynnet.console import dynnet_command
+from dynnet.run import RUNS, runs_dir
 from dynnet.sweep.config import Sweep
-from dynnet.sweep.hparams import write_experiment
+from dynnet.sweep.errors import SweepError, printable, shown, write_file
+from dynnet.sweep.fit import run_name
+from dynnet.sweep.hparams import EXPERIMENT_FILE, write_experiment
 from dynnet.sweep.picture import plot
 from dynnet.sweep.space import describe, settings_of
 from dynnet.sweep.study import counts, fail_lost_trials
 
 # Where the rerun command puts its run, under the sweep's root: beside the trials, not among them.
 RERUN = "rerun"
+# A machine's name (RFC 1123, and the underscore some containers use).
+HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 # A lost trial's reason when nothing says more: its worker died (killed, its machine lost) without telling it.
 LOST = "its worker stopped before the fit ended (killed, or its heartbeat stopped)"
 
@@ -61,18 +69,44 @@ def _value(trial: FrozenTrial) -> float | str:
     return ""
 
 
-def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+def outputs(root: Path) -> tuple[Path, Path, Path]:
+    """The files every command on a study writes for it: trials.csv, sweep.png and the HPARAMS experiment."""
+    return root / "trials.csv", root / "sweep.png", runs_dir(root) / EXPERIMENT_FILE
+
+
+def csv_bytes(columns: list[str], rows: list[dict[str, Any]]) -> bytes:
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue().encode()
 
 
 def rerun_command(run: Path) -> str:
-    """The dynnet fit that reproduces a trial exactly: its run's config (every setting, the seed included) into a
-    new run folder of the same name under the sweep's root, in rerun/lightning_logs."""
-    config, rerun = shlex.quote(str(run / "config.yaml")), shlex.quote(str(run.parents[1] / RERUN))
-    return f"dynnet fit -c {config} --trainer.default_root_dir {rerun} --run {run.name}"
+    """The dynnet fit that reproduces a trial exactly, as a line to paste into a shell: its run's config (every
+    setting, the seed included) into a new run folder of the same name under the sweep's root, in
+    rerun/lightning_logs, run by this environment's dynnet."""
+    rerun = run.parents[1] / RERUN
+    return shlex.join(
+        dynnet_command(
+            "fit", "-c", str(run / "config.yaml"), "--trainer.default_root_dir", str(rerun), "--run", run.name
+        )
+    )
+
+
+def where(trial: FrozenTrial, study: str) -> tuple[Path, str]:
+    """A trial's run folder and the machine it ran on, as the study holds them: refused when they cannot be (a
+    study's database can be shared, and what it holds is input)."""
+    run, host = trial.user_attrs.get("run"), trial.user_attrs.get("host", socket.gethostname())
+    name = run_name(trial.number)
+    path = Path(run) if isinstance(run, str) and run.isprintable() else None
+    if path is None or not path.is_absolute() or path.name != name or path.parent.name != RUNS:
+        raise SweepError(
+            f"study {study}: trial {trial.number}'s run {shown(run)} is not a run folder .../{RUNS}/{name}"
+        )
+    if not (isinstance(host, str) and HOST.fullmatch(host)):
+        raise SweepError(f"study {study}: trial {trial.number}'s host {shown(host)} is not a machine's name")
+    return path, host
 
 
 def report(study: optuna.Study, sweep: Sweep) -> bool:
@@ -83,27 +117,25 @@ def report(study: optuna.Study, sweep: Sweep) -> bool:
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
     best = study.best_trial if completed else None
     columns, rows = trial_rows(trials, sweep.objective, best.number if best else None)
-    csv_path, png_path = sweep.root / "trials.csv", sweep.root / "sweep.png"
-    write_csv(csv_path, columns, rows)
+    csv_path, png_path, _ = outputs(sweep.root)
+    write_file(csv_path, csv_bytes(columns, rows))
     # Written at the start; again only if it has gone since (deleted, or taken by another command stopped as it began).
     write_experiment(sweep)
-    plot(png_path, rows, sweep.objective, f"{sweep.study}: {sweep.objective} of each trial")
+    write_file(png_path, plot(rows, sweep.objective, f"{sweep.study}: {sweep.objective} of each trial"))
     tallies = {state: sum(row["state"] == state for row in rows) for state in ("complete", "pruned", "failed", "lost")}
     running = sum(row["state"] == "running" for row in rows)
     finished = sum(counts(t) for t in trials)
     ran = sum(t.user_attrs.get("command") == sweep.command for t in trials)
-    shown = [f"{n} {state}" for state, n in tallies.items()] + ([f"{running} running"] if running else [])
-    counted = f"{finished} of {sweep.trials} trials finished ({', '.join(shown)})"
+    shown_states = [f"{n} {state}" for state, n in tallies.items()] + ([f"{running} running"] if running else [])
+    counted = f"{finished} of {sweep.trials} trials finished ({', '.join(shown_states)})"
     print(f"Study {sweep.study}: {counted}; this command ran {ran}", flush=True)
     if best is not None:
-        run = Path(best.user_attrs["run"])
-        host = best.user_attrs.get("host", socket.gethostname())
+        run, host = where(best, sweep.study)
         elsewhere = host != socket.gethostname()  # the trial ran on another machine, where its run folder is
-        print(
-            f"Best trial {best.number}: {describe(settings_of(best.params))}, {sweep.objective} {best.value:.6g}, "
-            f"run {f'{host}:' if elsewhere else ''}{run}"
-        )
-        print(f"Result: {best.user_attrs.get('result', '?')}")
+        shown_run = f"{host}:{run}" if elsewhere else run
+        settings = describe(settings_of(best.params))
+        print(printable(f"Best trial {best.number}: {settings}, {sweep.objective} {best.value:.6g}, run {shown_run}"))
+        print(printable(f"Result: {best.user_attrs.get('result', '?')}"))
         print(f"Rerun{f' on {host}' if elsewhere else ''}: {rerun_command(run)}")
     else:
         print("No trial completed yet: no best trial")

@@ -13,6 +13,8 @@ from dynnet.sweep.errors import SweepError
 
 # Names a search space may use besides the optimizer's own arguments.
 SEED, OPTIMIZER = "seed", "optimizer"
+# The widest integers a study records exactly (it stores every parameter as a float64).
+LARGEST_INT = 2**53
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,10 @@ def _parse_spec(name: str, spec: Any) -> Any:
     if kind == "int":
         if not (float(low).is_integer() and float(high).is_integer()):
             raise SweepError(f"space: {name}: int needs whole numbers, got [{low}, {high}]")
+        if max(abs(low), abs(high)) > LARGEST_INT:
+            raise SweepError(
+                f"space: {name}: int [{low}, {high}] goes beyond ±2**53, the integers a study records exactly"
+            )
         return Int(int(low), int(high))
     if kind == "log" and low <= 0:
         raise SweepError(f"space: {name}: log needs low > 0, got [{low}, {high}]")
@@ -198,38 +204,51 @@ def suggest(trial: optuna.Trial, space: dict[str, Any], prefix: str = "") -> dic
     return settings
 
 
-def any_point(space: dict[str, Any]) -> list[dict[str, Any]]:
-    """One point of each optimizer's branch of the space (the low ends, the first choices): what the fit config
-    is checked with before the sweep starts."""
+def ends(space: dict[str, Any]) -> list[dict[str, Any]]:
+    """Two points of each optimizer's branch of the space, every range at its low end (and every choice at its
+    first value), then at its high end (its last): what the fits are checked with before the sweep starts."""
     points = []
     optimizers = space.get(OPTIMIZER)
     branches = list(optimizers.options.items()) if isinstance(optimizers, Choice) else [(None, {})]
     for class_path, subspace in branches:
-        point = {}
-        for name, spec in {**space, **subspace}.items():
-            if isinstance(spec, (Float, Int)):
-                point[name] = spec.low
-            elif isinstance(spec, Choice):
-                point[name] = next(iter(spec.options))
-            else:
-                point[name] = spec
-        if class_path is not None:
-            point[OPTIMIZER] = class_path
-        points.append(point)
+        for end in (0, -1):
+            point = {}
+            for name, spec in {**space, **subspace}.items():
+                if isinstance(spec, (Float, Int)):
+                    point[name] = (spec.low, spec.high)[end]
+                elif isinstance(spec, Choice):
+                    point[name] = list(spec.options)[end]
+                else:
+                    point[name] = spec
+            if class_path is not None:
+                point[OPTIMIZER] = class_path
+            points.append(point)
     return points
 
 
-def grid(space: dict[str, Any]) -> dict[str, list[Any]]:
-    """GridSampler's grid: every value of each int range and choice (seeds 0 to 9: ten trials, one per seed)."""
-    points: dict[str, list[Any]] = {}
+def grid(space: dict[str, Any], trials: int) -> dict[str, list[Any]]:
+    """GridSampler's grid: every value of each int range and choice (seeds 0 to 9: ten trials, one per seed), or of
+    each list a config's own ``search_space`` gives. Each point is a trial: a grid of more points than the sweep's
+    trials is refused with its size, before any value is listed (a wide range would fill the memory)."""
+    if not isinstance(space, dict):
+        raise SweepError("sampler: GridSampler's search_space must map parameter names to lists of values")
+    values: dict[str, Any] = {}
     for name, spec in space.items():
         if isinstance(spec, Int):
-            points[name] = list(range(spec.low, spec.high + 1))
+            values[name] = range(spec.low, spec.high + 1)  # not listed yet
+        elif isinstance(spec, list):
+            values[name] = spec
         elif isinstance(spec, Choice) and not any(spec.options.values()):
-            points[name] = list(spec.options)
+            values[name] = list(spec.options)
         elif isinstance(spec, (Float, Choice)):
             raise SweepError(f"sampler: GridSampler needs int ranges and plain choices; {name} is not one")
-    return points
+    points = math.prod(len(v) for v in values.values())
+    if points > trials:
+        raise SweepError(
+            f"sampler: GridSampler's grid holds {points} points, more than the sweep's {trials} trials: narrow its "
+            "ranges, or give as many trials"
+        )
+    return {name: list(v) for name, v in values.items()}
 
 
 def fit_flags(settings: dict[str, Any]) -> list[str]:

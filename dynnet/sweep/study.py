@@ -12,14 +12,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from dynnet.run import runs_dir
 from dynnet.sweep.config import Sweep
-from dynnet.sweep.errors import SweepError
+from dynnet.sweep.errors import SweepError, shown
 from dynnet.sweep.space import plain
-from dynnet.sweep.storage import experimental_ok, open_storage
+from dynnet.sweep.storage import experimental_ok, open_storage, storage_errors
 
-# The study's user attribute that records its experiment.
-EXPERIMENT = "experiment"
-# How much of a differing value the refusal quotes.
-SHOWN_CHARACTERS = 60
+# The study's system attribute that records its experiment: kept off optuna-dashboard's page, which lists a study's
+# user attributes.
+EXPERIMENT = "dynnet:experiment"
+# The study's system attribute naming the latest command that ran trials in it (Sweep.command).
+COMMAND = "dynnet:command"
 
 
 def experiment(sweep: Sweep, fit: dict[str, Any]) -> dict[str, Any]:
@@ -32,34 +33,47 @@ def experiment(sweep: Sweep, fit: dict[str, Any]) -> dict[str, Any]:
 def open_study(sweep: Sweep, record: dict[str, Any]) -> optuna.Study:
     """Create the study with its experiment's record, or continue it when it exists and runs the same experiment."""
     storage = open_storage(sweep.storage, sweep.heartbeat_interval, sweep.grace_period)
-    if sweep.study not in optuna.study.get_all_study_names(storage):
-        # A new study numbers its trials from 0: runs of an earlier study in the same root would collide.
-        taken = sorted(p.name for p in runs_dir(sweep.root).glob("trial_*"))
-        if taken:
-            raise SweepError(
-                f"study {sweep.study} is new but {runs_dir(sweep.root)} already holds {taken[0]}: "
-                "use another --root, or the storage of the study that wrote it"
+    with storage_errors(sweep.storage, "failed"):
+        if sweep.study in optuna.study.get_all_study_names(storage):
+            study = optuna.load_study(study_name=sweep.study, storage=storage)  # read only, unless it runs trials
+        else:
+            # A new study numbers its trials from 0: runs of an earlier study in the same root would collide.
+            taken = sorted(p.name for p in runs_dir(sweep.root).glob("trial_*"))
+            if taken:
+                raise SweepError(
+                    f"study {sweep.study} is new but {runs_dir(sweep.root)} already holds {taken[0]}: "
+                    "use another --root, or the storage of the study that wrote it"
+                )
+            # load_if_exists: another command may create it at the same moment.
+            study = optuna.create_study(
+                storage=storage, study_name=sweep.study, direction=sweep.direction, load_if_exists=True
             )
-    # load_if_exists: another command may create it at the same moment.
-    study = optuna.create_study(storage=storage, study_name=sweep.study, direction=sweep.direction, load_if_exists=True)
-    recorded = study.user_attrs.get(EXPERIMENT)
-    if recorded is None:
-        if study.get_trials(deepcopy=False):
-            raise SweepError(
-                f"study {sweep.study} holds trials but no record of the experiment they ran (an older dynnet-sweep "
-                "started it): use a new --study name"
-            )
-        study.set_user_attr(EXPERIMENT, record)
-        with experimental_ok():
-            study.set_metric_names([sweep.objective])  # optuna-dashboard and plots name the objective
-        return study
-    differences = _differences(_flat(recorded), _flat(record))
+        study_id = storage.get_study_id_from_name(sweep.study)
+        recorded = storage.get_study_system_attrs(study_id).get(EXPERIMENT)
+        if recorded is None:
+            if study.get_trials(deepcopy=False):
+                raise SweepError(
+                    f"study {sweep.study} holds trials but no record of the experiment they ran (an older "
+                    "dynnet-sweep started it): use a new --study name"
+                )
+            storage.set_study_system_attr(study_id, EXPERIMENT, record)
+            with experimental_ok():
+                study.set_metric_names([sweep.objective])  # optuna-dashboard and plots name the objective
+            return study
+        if tally(study)[0] < sweep.trials:
+            # Trials to run: a database that cannot take them (read-only) is refused now, by a first write (of
+            # this command's mark, a value new to it), rather than in every worker.
+            storage.set_study_system_attr(study_id, COMMAND, sweep.command)
+    try:
+        differences = _differences(_flat(recorded), _flat(record))
+    except (TypeError, ValueError, KeyError, AttributeError):
+        raise SweepError(f"study {sweep.study} holds a malformed experiment record: use a new --study name") from None
     if differences:
         key, theirs, ours = differences[0]
         others = [d[0] for d in differences[1:]]
         more = f" (and {len(others)} more: {', '.join(others[:3])}{', ...' if others[3:] else ''})" if others else ""
         raise SweepError(
-            f"study {sweep.study} holds another experiment: {key} is {_show(ours)} here but {_show(theirs)} in the "
+            f"study {sweep.study} holds another experiment: {key} is {shown(ours)} here but {shown(theirs)} in the "
             f"study{more}; use a new --study name"
         )
     return study
@@ -77,11 +91,6 @@ def _differences(recorded: dict[str, Any], here: dict[str, Any]) -> list[tuple[s
     keys = [*here, *(k for k in recorded if k not in here)]
     pairs = [(key, recorded.get(key, absent), here.get(key, absent)) for key in keys]
     return [(key, "absent" if a is absent else a, "absent" if b is absent else b) for key, a, b in pairs if a != b]
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= SHOWN_CHARACTERS else text[: SHOWN_CHARACTERS - 3] + "..."
 
 
 def tally(study: optuna.Study) -> tuple[int, int]:

@@ -17,13 +17,12 @@ import optuna
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna_integration import PyTorchLightningPruningCallback
 
 from dynnet.cli import DynnetCLI
 from dynnet.errors import USER_ERRORS, Interrupted, one_line
 from dynnet.run import runs_dir
 from dynnet.sweep.config import Sweep
-from dynnet.sweep.errors import Stopped
+from dynnet.sweep.errors import Stopped, SweepError, write_file
 from dynnet.sweep.fit import base_args, run_name
 from dynnet.sweep.hparams import TrialHparams
 from dynnet.sweep.space import describe, fit_flags, suggest
@@ -62,21 +61,22 @@ class TrialWatch(Callback):
         self.trainer = trainer
 
 
-class Pruning(PyTorchLightningPruningCallback):
-    """Optuna's Lightning pruning callback, except at the fit's last step: a trial that trained every step is
-    complete, whatever the pruner says of it. Its last value is still reported, for the study's history."""
+class Pruning(Callback):
+    """Optuna's pruning, as its Lightning callback does it, but at optimizer steps: each validation reports the
+    objective at the fit's step (the step a pruned trial's line names, and the x axis optuna-dashboard plots), and
+    the trial stops where the pruner says so, except at the fit's last step: a trial that trained every step is
+    complete, whatever the pruner says of it."""
 
     def __init__(self, trial: optuna.Trial, monitor: str) -> None:
-        super().__init__(trial, monitor)
-        self.trial = trial
+        self.trial, self.monitor = trial, monitor
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not 0 <= trainer.max_steps <= trainer.global_step:
-            super().on_validation_end(trainer, pl_module)
-            return
         score = trainer.callback_metrics.get(self.monitor)
-        if score is not None:
-            self.trial.report(score.item(), step=pl_module.current_epoch)
+        if trainer.sanity_checking or score is None:
+            return
+        self.trial.report(score.item(), step=trainer.global_step)
+        if not 0 <= trainer.max_steps <= trainer.global_step and self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {trainer.global_step}")
 
 
 class Objective:
@@ -134,7 +134,7 @@ def fit_trial(trial: optuna.Trial, sweep: Sweep, settings: dict[str, Any]) -> Ou
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output), ExitStack() as cleanup:
             # The sweep's root holds the HPARAMS experiment of all trials; each trial writes only its row.
             cli = DynnetCLI(
-                args=[*base_args(sweep, name), *fit_flags(settings)],
+                args=[*base_args(sweep, sweep.root, name), *fit_flags(settings)],
                 cleanup=cleanup,
                 callbacks=[Pruning(trial, monitor=sweep.objective), watch, TrialHparams(settings, sweep.space)],
                 hparams_experiment=False,
@@ -169,8 +169,8 @@ def fit_trial(trial: optuna.Trial, sweep: Sweep, settings: dict[str, Any]) -> Ou
             # sweep passes it on too) must not cut that short.
             signal.signal(signum, handler if stop is None else signal.SIG_IGN)
         if run.is_dir():
-            with contextlib.suppress(OSError):
-                (run / "sweep.log").write_text(output.getvalue())
+            with contextlib.suppress(SweepError):  # the trial's outcome matters more than its log
+                write_file(run / "sweep.log", output.getvalue().encode())
     outcome.attrs |= {"steps": _steps(watch), "seconds": round(time.perf_counter() - start, 3)}
     return outcome
 

@@ -15,7 +15,7 @@ import optuna
 
 from dynnet.sweep.config import Sweep, cores, make
 from dynnet.sweep.errors import PROG, Stopped, SweepError, raise_stopped
-from dynnet.sweep.storage import open_storage
+from dynnet.sweep.storage import open_storage, storage_errors
 from dynnet.sweep.study import tally
 from dynnet.sweep.trial import Discarded, Objective, TrialFailed
 
@@ -40,23 +40,24 @@ def work(sweep: Sweep, index: int) -> None:
     torch.set_num_threads(max(1, cores() // sweep.workers))
     try:
         storage = open_storage(sweep.storage, sweep.heartbeat_interval, sweep.grace_period)
-        earlier = len(optuna.load_study(study_name=sweep.study, storage=storage).trials)
-        sampler = make("sampler", sweep.sampler, sweep.space, seed_offset=1000 * earlier + index)
-        pruner = make("pruner", sweep.pruner, sweep.space)
-        study = optuna.load_study(study_name=sweep.study, storage=storage, sampler=sampler, pruner=pruner)
-        objective = Objective(sweep)
-        while True:
-            finished, running = tally(study)
-            if finished >= sweep.trials:
-                return
-            if finished + running >= sweep.trials:
-                # Other workers' trials may complete the study, or die and leave their place to this one.
-                time.sleep(POLL_SECONDS)
-                continue
-            with contextlib.suppress(Discarded):  # its line is printed; the next trial takes its place
-                study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False)
-            if objective.stop is not None:
-                raise Stopped(objective.stop)
+        with storage_errors(sweep.storage, "failed"):  # the database lost, say: one line, not a traceback
+            earlier = len(optuna.load_study(study_name=sweep.study, storage=storage).trials)
+            sampler = make("sampler", sweep.sampler, sweep.space, sweep.trials, seed_offset=1000 * earlier + index)
+            pruner = make("pruner", sweep.pruner, sweep.space, sweep.trials)
+            study = optuna.load_study(study_name=sweep.study, storage=storage, sampler=sampler, pruner=pruner)
+            objective = Objective(sweep)
+            while True:
+                finished, running = tally(study)
+                if finished >= sweep.trials:
+                    return
+                if finished + running >= sweep.trials:
+                    # Other workers' trials may complete the study, or die and leave their place to this one.
+                    time.sleep(POLL_SECONDS)
+                    continue
+                with contextlib.suppress(Discarded):  # its line is printed; the next trial takes its place
+                    study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False)
+                if objective.stop is not None:
+                    raise Stopped(objective.stop)
     except Stopped as stop:
         sys.exit(128 + stop.signum)
     except SweepError as err:
