@@ -59,7 +59,10 @@ def available_memory(device: torch.device) -> int | None:
         meminfo = Path("/proc/meminfo").read_text()
     except OSError:
         return None
-    have = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:"))) * 1024
+    found = [line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+    if not found:  # a kernel older than 3.14, or a container that hides it: nothing to check against
+        return None
+    have = int(found[0]) * 1024
     with contextlib.suppress(OSError, ValueError):
         limit, used = (Path("/sys/fs/cgroup", f).read_text().strip() for f in ("memory.max", "memory.current"))
         if limit != "max":

@@ -143,13 +143,14 @@ def test_tensorboard_shows_the_swept_settings_and_the_objective_of_every_trial(t
     main([str(sweep_file(tmp_path / "search.yaml", SEARCH)), "--workers", "2", "--trials", "4", "--root", str(root)])
     capsys.readouterr()
     trials = load(root, "search").get_trials()
-    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    # Two workers can both start the last trial the study needs: it then holds one more than asked for.
+    assert 4 <= len(trials) <= 5 and all(t.state == TrialState.COMPLETE for t in trials)
     logs = root / "lightning_logs"
     for trial in trials:  # a trial writes its row, and no experiment of its own
         tags = EventAccumulator(str(logs / f"trial_{trial.number:04d}")).Reload().PluginTagToContent("hparams")
         assert hparams_metadata.EXPERIMENT_TAG not in tags and hparams_metadata.SESSION_START_INFO_TAG in tags
 
-    with tensorboard(logs, runs=4) as post:
+    with tensorboard(logs, runs=len(trials)) as post:
         experiment = post("experiment")
         groups = post("session_groups")["sessionGroups"]
     # The swept settings and nothing else, all marked: TensorBoard's dashboard ticks the first five it lists.
