@@ -1,5 +1,5 @@
-"""Checkpoints that are whole, unchanged and plausible, read without running code or unbounded memory; outputs that
-are written whole and replace only regular files."""
+"""Checkpoints that are whole, unchanged and what dynnet writes, read without running code or unbounded memory;
+outputs that are written whole and replace only regular files."""
 
 import io
 import math
@@ -7,6 +7,7 @@ import os
 import pickle
 import reprlib
 import stat
+import struct
 import tempfile
 import zipfile
 import zlib
@@ -16,16 +17,22 @@ from typing import IO, Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from packaging.version import InvalidVersion, Version
 
 from dynnet.model import MAX_DEGREE, MAX_MIN_DEGREE
 
 # mkstemp creates files readable by their owner only; outputs get the permissions any new file would.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-# A dynnet checkpoint is a few kilobytes: scalars, optimizer state and bookkeeping. Anything that would unpack to
-# more is not one, and is refused before torch reads it (a small compressed file can declare gigabytes).
+# A dynnet checkpoint is a few kilobytes: scalars, optimizer state and bookkeeping. A larger file is not one, and is
+# refused before torch reads it.
 MAX_CHECKPOINT_BYTES = 1 << 20
+# What dynnet and Lightning write nests a few levels deep (an optimizer's per-parameter state is at the fifth); code
+# that walks a checkpoint recursively (deepcopy, comparisons) must never come near Python's recursion limit.
+MAX_NESTING = 32
 _DOS_DIRECTORY = 0x10  # the directory bit of a zip record's external (MS-DOS) attributes
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # a zip record's local header, down to its name's and extra field's lengths
+_OLDEST_LIGHTNING = Version("2.0.0")  # Lightning restructures checkpoints older than this, which dynnet never wrote
 
 
 class CheckpointError(ValueError):
@@ -36,7 +43,9 @@ def load_checkpoint(
     path: str | os.PathLike | IO[bytes], map_location: Any = "cpu", *, strict: bool = True
 ) -> dict[str, Any]:
     """Read a dynnet checkpoint weights-only, after bounding its size and checking every record against the CRC-32
-    written with it, and check its contents before use.
+    written with it, and check what every reader uses: the model, its hyper-parameters, the degree generator and
+    counts, the step and the run's settings. A resume checks the rest against its trainer
+    (``dynnet.checkpoint_state``).
 
     ``strict`` is load_state_dict's: when False, the state_dict may lack parameters or hold others, and only the
     model's parameters it holds are checked. Raises a one-line CheckpointError for anything that is not a whole,
@@ -66,11 +75,14 @@ def load_checkpoint(
 
 
 def _intact_bytes(source: Path | IO[bytes], path: Path) -> bytes:
-    """A checkpoint file's bytes, read once and at most MAX_CHECKPOINT_BYTES, refused unless every zip record
-    matches its CRC-32.
+    """A checkpoint file's bytes, read once and at most MAX_CHECKPOINT_BYTES, refused unless every zip record is
+    stored as torch.save stores it and matches its CRC-32.
 
-    torch's writer stores each record (data.pkl, every tensor's data) uncompressed with its real CRC-32, which
-    torch's reader never verifies; zipfile does, and a CRC-32 detects every change of up to 32 consecutive bits.
+    torch.save stores each record (data.pkl, every tensor's data) uncompressed, one after another, with its real
+    CRC-32, which torch's reader never verifies; zipfile does, and a CRC-32 detects every change of up to 32
+    consecutive bits. A record compressed, declared at another size than it stores, or lying over another or
+    outside the file is refused before anything is read from it: nothing is ever unpacked, and no record is
+    larger than the file.
     """
     try:
         if isinstance(source, Path):
@@ -89,27 +101,48 @@ def _intact_bytes(source: Path | IO[bytes], path: Path) -> bytes:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a checkpoint)") from None
     with archive:
-        declared = sum(record.file_size for record in archive.infolist())
-        if declared > MAX_CHECKPOINT_BYTES:  # before anything is unpacked: a small file can declare gigabytes
-            raise CheckpointError(
-                f"checkpoint {path} was refused: it unpacks to {declared} bytes, more than a dynnet checkpoint's "
-                f"{MAX_CHECKPOINT_BYTES}"
-            )
-        for record in archive.infolist():
-            problem = _record_problem(archive, record)
+        records = sorted(archive.infolist(), key=lambda record: record.header_offset)
+        for record in records:
+            if record.compress_type != zipfile.ZIP_STORED:
+                method = zipfile.compressor_names.get(record.compress_type, f"method {record.compress_type}")
+                raise CheckpointError(
+                    f"checkpoint {path} was refused: it unpacks to {record.file_size} bytes, it says, from a record "
+                    f"compressed with {method} ({record.filename}); torch.save compresses none"
+                )
+        end = 0  # where the previous record's bytes end
+        for record in records:
+            problem = _record_problem(archive, data, record, end)
             if problem:
                 raise CheckpointError(
                     f"checkpoint {path} is damaged: its bytes changed after it was written ({problem})"
                 )
+            end = _record_end(data, record)
     return data
 
 
-def _record_problem(archive: zipfile.ZipFile, record: zipfile.ZipInfo) -> str | None:
-    """Why one zip record of a checkpoint cannot be trusted, or None when its bytes match their CRC-32."""
+def _record_end(data: bytes, record: zipfile.ZipInfo) -> int:
+    """Where a stored record's bytes end: after its local header, the name and extra field that header gives the
+    lengths of, and its data (past the file's end when the header is cut off)."""
+    header = data[record.header_offset : record.header_offset + _LOCAL_HEADER.size]
+    if len(header) < _LOCAL_HEADER.size:
+        return len(data) + 1
+    _, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+    return record.header_offset + _LOCAL_HEADER.size + name_length + extra_length + record.compress_size
+
+
+def _record_problem(archive: zipfile.ZipFile, data: bytes, record: zipfile.ZipInfo, after: int) -> str | None:
+    """Why one stored zip record of a checkpoint cannot be trusted, or None when it lies in the file, after the
+    record before it, and its bytes match their CRC-32."""
+    name = record.filename
     # torch's reader takes a record marked as a directory (a DOS attribute torch never writes) for an empty one,
     # and its tensor for whatever memory it was given, whatever the CRC-32 covers.
     if record.is_dir() or record.external_attr & _DOS_DIRECTORY:
-        return f"record {record.filename} is marked as a directory"
+        return f"record {name} is marked as a directory"
+    # Readers differ in which size they trust; the CRC-32 covers only the bytes read.
+    if record.file_size != record.compress_size:
+        return f"record {name} declares {record.file_size} bytes and stores {record.compress_size}"
+    if record.header_offset < after or _record_end(data, record) > archive.start_dir:
+        return f"record {name} overlaps another or lies outside the records"
     try:
         archive.read(record)  # zipfile raises on a CRC-32 that does not match the bytes read
     except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, ValueError) as err:
@@ -118,11 +151,13 @@ def _record_problem(archive: zipfile.ZipFile, record: zipfile.ZipInfo) -> str | 
 
 
 def _malformation(checkpoint: Any, strict: bool) -> str | None:
-    """What is wrong with a loaded checkpoint's structure or contents, or None when it is a usable dynnet
-    checkpoint."""
+    """What is wrong with a loaded checkpoint's bounds, structure or the contents every reader uses, or None."""
     required = {"state_dict", "hyper_parameters", "degree_generator", "degree_counts", "run_settings"}
     if not isinstance(checkpoint, dict) or not required <= checkpoint.keys():
         return "is not a dynnet checkpoint"
+    problem = _size_problem(checkpoint)
+    if problem:
+        return f"was refused: it {problem}"
     hparams = checkpoint["hyper_parameters"]
     if not isinstance(hparams, dict) or not all(isinstance(hparams.get(k), int) for k in ("min_degree", "max_degree")):
         return "is malformed: its hyper_parameters lack the integer min_degree and max_degree"
@@ -143,25 +178,74 @@ def _malformation(checkpoint: Any, strict: bool) -> str | None:
     problem = _degree_counts_problem(checkpoint["degree_counts"], high - low + 1)
     if problem:
         return f"was refused: {problem}"
-    generator = checkpoint["degree_generator"]  # random.Random's state: (version, 625 words, gauss's next value)
-    if not (isinstance(generator, tuple) and len(generator) == 3 and isinstance(generator[1], tuple)):
-        return "is malformed: degree_generator is not a random generator's state"
+    problem = _generator_problem(checkpoint["degree_generator"])
+    if problem:
+        return f"is malformed: degree_generator is not a random generator's state ({problem})"
     if not _is_count(checkpoint.get("global_step")):
         return "is malformed: it has no step count (global_step)"
+    version = checkpoint.get("pytorch-lightning_version")
+    try:
+        # Read (and, for older ones, restructured) by Lightning before any of dynnet's hooks sees the checkpoint.
+        known = isinstance(version, str) and Version(version) >= _OLDEST_LIGHTNING
+    except InvalidVersion:
+        known = False
+    if not known:
+        shown = reprlib.repr(version)
+        return f"is malformed: its pytorch-lightning_version is {shown}, not Lightning {_OLDEST_LIGHTNING} or later"
+    # What a resume reads before the trainer that checks the rest exists.
     settings = checkpoint["run_settings"]
     mappings = ("optimizer_args", "lr_scheduler_args", "data")
     if not isinstance(settings, dict) or not all(isinstance(settings.get(k, {}), dict) for k in mappings):
         return "is malformed: run_settings should map optimizer_args, lr_scheduler_args and data to their values"
-    problem = _optimizer_problem(checkpoint, settings.get("optimizer_args", {}))
-    if problem:
-        return problem
     if not isinstance(checkpoint.get("callbacks", {}), dict):
         return "is malformed: callbacks should map each callback to its state"
     return None
 
 
+def _size_problem(checkpoint: dict) -> str | None:
+    """What makes a loaded checkpoint unsafe to walk, or None: containers nested deeper than MAX_NESTING, more values
+    than its file has bytes (each value counted wherever it is used: shared ones can multiply), or a tensor larger
+    than the file (a view can repeat one stored number). Walked without recursion, before anything recursive does."""
+    left = MAX_CHECKPOINT_BYTES
+    pending = [(checkpoint, 0)]
+    while pending:
+        value, depth = pending.pop()
+        left -= 1
+        if left < 0:
+            return f"holds more than {MAX_CHECKPOINT_BYTES} values"
+        if isinstance(value, torch.Tensor):
+            if value.numel() * value.element_size() > MAX_CHECKPOINT_BYTES:
+                return f"holds a tensor of shape {tuple(value.shape)}, larger than a checkpoint file"
+        elif isinstance(value, (dict, list, tuple)):
+            if depth == MAX_NESTING:
+                return f"nests lists or mappings more than {MAX_NESTING} deep"
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            pending.extend((item, depth + 1) for item in items)
+    return None
+
+
+def _generator_problem(state: Any) -> str | None:
+    """What keeps state from being exactly what random.Random.getstate() gives (version 3, 624 words and a position,
+    gauss's next value), or None: so that setstate can neither raise nor take a state no generator was in."""
+    if not (isinstance(state, tuple) and len(state) == 3):
+        return "it should be a version, 625 numbers and gauss's next value"
+    version, internal, gauss = state
+    if type(version) is not int or version != 3:
+        return f"its version is {reprlib.repr(version)}, not 3"
+    if not (isinstance(internal, tuple) and len(internal) == 625):
+        return "it should hold 625 numbers"
+    for i, word in enumerate(internal[:624]):
+        if type(word) is not int or not 0 <= word < 2**32:
+            return f"word {i} is {reprlib.repr(word)}, not a whole number from 0 to 2**32 - 1"
+    if type(internal[624]) is not int or not 0 <= internal[624] <= 624:
+        return f"its position is {reprlib.repr(internal[624])}, not a whole number from 0 to 624"
+    if gauss is not None and not (type(gauss) is float and math.isfinite(gauss)):
+        return f"gauss's next value is {reprlib.repr(gauss)}, not None or a finite number"
+    return None
+
+
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return type(value) is int and value >= 0
 
 
 def _degree_counts_problem(counts: Any, degrees: int) -> str | None:
@@ -177,85 +261,6 @@ def _degree_counts_problem(counts: Any, degrees: int) -> str | None:
             return f"degree_counts[{degree}] is {reprlib.repr(count)}, not a whole number of draws"
     if sum(counts) >= 2**53:
         return "degree_counts add up to 2**53 draws or more"
-    return None
-
-
-# The param-group entries torch's optimizers (and the schedulers that add to them: OneCycleLR, CyclicLR) hold as
-# numbers, as tuples of numbers, and as flags. A checkpoint that changes their type would otherwise fail, or
-# train differently, steps after loading.
-_NUMBERS = {
-    "lr", "initial_lr", "max_lr", "min_lr", "momentum", "base_momentum", "max_momentum", "dampening", "weight_decay",
-    "eps", "alpha", "rho", "lr_decay", "initial_accumulator_value", "lambd", "t0", "momentum_decay", "beta2_decay",
-    "d", "tolerance_grad", "tolerance_change", "max_iter", "max_eval", "history_size", "ns_steps",
-}  # fmt: skip
-_TUPLES = {"betas", "etas", "step_sizes", "ns_coefficients"}
-_FLAGS = {"nesterov", "maximize", "amsgrad", "centered", "capturable", "differentiable", "decoupled_weight_decay"}
-_OPTIONAL_FLAGS = {"foreach", "fused"}  # None: torch chooses the implementation
-
-
-def _is_number(value: Any) -> bool:
-    """A finite real number: a Python int or float (not a bool), or a one-element real tensor (torch accepts a
-    tensor lr)."""
-    if isinstance(value, torch.Tensor):
-        real = value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
-        return real and math.isfinite(value.item())
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer no float can hold (weights-only unpickling allows some 600 digits)
-        return False
-
-
-def _is_numbers(value: Any, none_allowed: bool = False) -> bool:
-    return isinstance(value, (tuple, list)) and all(_is_number(v) or (none_allowed and v is None) for v in value)
-
-
-def _hyperparameter_problem(group: dict, where: str) -> str | None:
-    """What is wrong with one optimizer param group's (or the recorded optimizer arguments') values, or None."""
-    for key, value in group.items():
-        if key in _NUMBERS:
-            # Adafactor's eps is a pair whose first element may be None (its default).
-            ok = _is_number(value) or (key == "eps" and _is_numbers(value, none_allowed=True))
-            wanted = "a finite number"
-        elif key in _TUPLES:
-            ok, wanted = _is_numbers(value), "finite numbers"
-        elif key in _FLAGS or key in _OPTIONAL_FLAGS:
-            ok = isinstance(value, bool) or (value is None and key in _OPTIONAL_FLAGS)
-            wanted = "True or False"
-        else:
-            continue
-        if not ok:
-            return f"was refused: {where} sets {key} to {reprlib.repr(value)}, which should be {wanted}"
-    return None
-
-
-def _optimizer_problem(checkpoint: dict, recorded_args: dict) -> str | None:
-    """What is wrong with the optimizer and scheduler states Lightning restores on resume, or with the optimizer
-    arguments the run recorded, or None. The states may be absent (evaluation needs neither); present, they hold
-    dynnet's one optimizer, since Lightning pairs states with optimizers and would leave one without its state."""
-    problem = _hyperparameter_problem(recorded_args, "its run_settings' optimizer_args")
-    if problem:
-        return problem
-    states = checkpoint.get("optimizer_states")
-    if states is not None:
-        if not (isinstance(states, list) and len(states) == 1 and isinstance(states[0], dict)):
-            return "is malformed: optimizer_states should be a list holding the one optimizer's state"
-        state, groups = states[0].get("state"), states[0].get("param_groups")
-        if not isinstance(state, dict) or not all(isinstance(s, dict) for s in state.values()):
-            return "is malformed: its optimizer state should map each parameter's index to that parameter's state"
-        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
-            return "is malformed: its optimizer state should list its parameter groups (param_groups)"
-        for group in groups:
-            params = group.get("params")
-            if not isinstance(params, list) or not all(_is_count(p) for p in params):
-                return "is malformed: its optimizer's parameter groups should list their parameters' indices"
-            problem = _hyperparameter_problem(group, "its optimizer state")
-            if problem:
-                return problem
-    schedulers = checkpoint.get("lr_schedulers", [])
-    if not isinstance(schedulers, list) or not all(isinstance(s, dict) for s in schedulers):
-        return "is malformed: lr_schedulers should be a list of learning-rate scheduler states"
     return None
 
 

@@ -9,8 +9,10 @@ started, which makes the run the newest.
 
 import contextlib
 import fcntl
+import math
 import os
 import re
+import reprlib
 import signal
 import stat
 import sys
@@ -23,6 +25,7 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from dynnet import command
 from dynnet.checkpoint import CheckpointError, write_atomically
+from dynnet.checkpoint_state import files_outside
 from dynnet.errors import Interrupted
 
 RUNS = "lightning_logs"  # Lightning's own folder name for runs, so `tensorboard --logdir <root>` finds them
@@ -219,7 +222,7 @@ class Run(Checkpoint):
         old = checkpoint.get("callbacks", {}).get(self.state_key, {}).get("path")
         if old and self.path and old != str(self.path):
             checkpoint["callbacks"] = _rebase(checkpoint["callbacks"], old, str(self.path))
-        _check_callback_files(trainer.ckpt_path, checkpoint["callbacks"], self.state_key)
+        _check_callback_files(trainer, checkpoint.get("callbacks", {}), self.path, self.state_key)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -317,24 +320,20 @@ def _request_stop(pl_module: LightningModule, signum: int) -> None:
     pl_module.stop_signal = signum
 
 
-def _check_callback_files(checkpoint: str, states: dict, own: str) -> None:
-    """Refuse callback states that name files a callback could later delete outside its own folder: a crafted
-    checkpoint must not turn a new best checkpoint into the removal of an arbitrary file. Files in subfolders are
-    the callback's own (a ModelCheckpoint filename such as '{step}-{val/expected_loss:.4f}' makes one)."""
-    best = states.get(own, {}).get("best")
+def _check_callback_files(trainer: Trainer, states: dict, run: Path | None, own: str) -> None:
+    """Refuse callback states that name files a callback could later write or delete outside the run: a crafted
+    checkpoint must not turn a new best checkpoint into the removal of an arbitrary file. The run's own state names
+    its best file in the run's checkpoints folder, and the score that file reached."""
+    mine = states.get(own) or {}
+    best, score = mine.get("best"), mine.get("best_score")
     if best is not None and not re.fullmatch(r"best-step=\d+\.ckpt", str(best)):
-        raise CheckpointError(f"checkpoint {checkpoint} was refused: its run state names {best!r} as its best file")
-    for key, state in states.items():
-        if not isinstance(state, dict) or "dirpath" not in state:
-            continue
-        folder = Path(os.path.normpath(str(state["dirpath"])))
-        named = [state.get(k) for k in ("best_model_path", "kth_best_model_path", "last_model_path")]
-        for path in [*named, *state.get("best_k_models", {})]:
-            if path and folder not in Path(os.path.normpath(str(path))).parents:
-                raise CheckpointError(
-                    f"checkpoint {checkpoint} was refused: {key.split('{')[0]} state names {path}, outside its "
-                    f"folder {folder}"
-                )
+        problem = f"its run state names {best!r} as its best file"
+    elif score is not None and not (type(score) is float and math.isfinite(score)):
+        problem = f"its run state's best_score is {reprlib.repr(score)}, not a finite number"
+    else:
+        problem = files_outside(states, trainer.callbacks, run, own)
+    if problem:
+        raise CheckpointError(f"checkpoint {trainer.ckpt_path} was refused: {problem}")
 
 
 def _rebase(value, old: str, new: str):
