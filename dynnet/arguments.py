@@ -154,6 +154,17 @@ def writable(value: Any) -> Any:
     return value
 
 
+def dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as one level of dotted keys (trainer.max_steps, optimizer.init_args.lr); lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat |= dotted(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def as_list(value: Any) -> list:
     """A Trainer argument that takes one object or a list of them, as a list."""
     return list(value) if isinstance(value, list) else [] if value is None else [value]

@@ -14,7 +14,6 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import timedelta
 from pathlib import Path
@@ -42,6 +41,7 @@ from dynnet.arguments import (
     class_defaults,
     config_files,
     describe,
+    dotted,
     join_negative_numbers,
     with_default_optimizer,
     writable,
@@ -51,13 +51,13 @@ from dynnet.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
 from dynnet.checks import (
     check_optimizer,
     check_trainer_flags,
-    last_step,
     refuse_run_callbacks,
 )
 from dynnet.command import LAUNCHER, STOP_SIGNALS
 from dynnet.console import dynnet_command, ignore_warnings, lost_peer, quiet_write_errors
 from dynnet.data import SineData
 from dynnet.errors import USER_ERRORS, Interrupted, one_line
+from dynnet.lightning_internals import parser_actions, subcommand_choices, subcommand_parser
 from dynnet.module import DynamicNet, check_plateau
 from dynnet.predictions import PredictionCSV, check_output_path
 from dynnet.resume import check_latest, check_resumable, is_plain
@@ -73,7 +73,7 @@ from dynnet.run import (
     run_of,
     runs_dir,
 )
-from dynnet.steps import batch_steps, check_resumed_batches, validation_steps
+from dynnet.steps import batch_grid, check_resumed_batches, validation_steps
 from dynnet.tensorboard import TensorBoardExtras
 from dynnet.yaml_files import load_yaml
 
@@ -197,14 +197,14 @@ class DynnetCLI(LightningCLI):
         for key, title in titles.items():
             if key in parser.groups:
                 parser.groups[key].title = title
-        for action in parser._actions:  # Lightning's own text describes its defaults and batches, not dynnet's
+        for action in parser_actions(parser):  # Lightning's own text describes its defaults and batches, not dynnet's
             action.help = TRAINER_HELP.get(action.dest, action.help)
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         # LightningCLI lists each subcommand with the first line of the Trainer method's docstring, which can stop
         # mid-sentence; dynnet's own sentences instead.
-        for choice in self.parser._subcommands_action._choices_actions:
+        for choice in subcommand_choices(self):
             choice.help = SUBCOMMANDS[choice.dest]
 
     def configure_optimizers(
@@ -351,11 +351,11 @@ class DynnetCLI(LightningCLI):
         command's config files give: the newest run may come from another config."""
         if run is None or not (run / "config.yaml").is_file():
             return
-        trained = dict(_leaves(load_yaml(run / "config.yaml")))
+        trained = dotted(load_yaml(run / "config.yaml"))
         for path, content in self.config_files.items():
             other = [
                 f"{key} is {trained.get(key)}, not {value}"
-                for key, value in _leaves(content)
+                for key, value in dotted(content).items()
                 if key != "trainer.default_root_dir" and trained.get(key) != value
             ]
             if other:
@@ -416,9 +416,6 @@ class DynnetCLI(LightningCLI):
         fast_dev_run = bool(trainer_config.get("fast_dev_run"))
         if fit:
             refuse_run_callbacks(user_callbacks)
-            # Lightning estimates a fit's steps (estimated_stepping_batches) from max_steps alone when its train
-            # loader has no length, as dynnet's has not: give it the step the run stops at.
-            trainer_config["max_steps"] = last_step(config)
 
         # Defaults the user replaces by giving their own: a progress display, a best checkpoint, TensorBoard.
         barebones = bool(trainer_config.get("barebones"))
@@ -480,9 +477,9 @@ class DynnetCLI(LightningCLI):
         if self.resume is not None:
             # Refused here, before Lightning opens the run's logs, rather than when the checkpoint is restored.
             data, trainer = self.datamodule, self.trainer
-            steps = batch_steps(trainer, data.steps_per_batch, data.steps_per_epoch)
-            trained = self.resume["data_state"].get("batch_steps")
-            check_resumed_batches(trained, steps, validation_steps(trainer, data.steps_per_epoch))
+            grid = batch_grid(trainer, data.steps_per_batch, data.steps_per_epoch)
+            trained = self.resume["data_state"].get("batch_grid")
+            check_resumed_batches(trained, grid, validation_steps(trainer, data.steps_per_epoch))
 
     def after_fit(self) -> None:
         if self.trainer.barebones and self.trainer.is_global_zero:  # Run, which prints them otherwise, is off
@@ -498,7 +495,7 @@ class DynnetCLI(LightningCLI):
         if self.run_path is None:
             return None
         config = writable(self.config[self.subcommand].clone())
-        return self._parser(self.subcommand).dump(config, skip_unset=False)
+        return subcommand_parser(self, self.subcommand).dump(config, skip_unset=False)
 
 
 def main(args: ArgsType = None) -> None:
@@ -534,15 +531,6 @@ def main(args: ArgsType = None) -> None:
             cleanup.close()
             reason = re.sub(r"^\[[^]]*\] *", "", one_line(err))  # gloo's source location
             sys.exit(f"dynnet: error: a process of this distributed run stopped or cannot be reached: {reason}")
-
-
-def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """A config's settings as (dotted key, value) pairs: ``optimizer.init_args.lr``."""
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _leaves(value, f"{prefix}{key}.")
-    else:
-        yield prefix[:-1], tree
 
 
 def _resume_advice(stop: Interrupted, args: ArgsType) -> str:

@@ -4,23 +4,32 @@ import inspect
 import math
 import numbers
 import os
+import warnings
 from typing import IO, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from dynnet.checkpoint import load_checkpoint
+from dynnet.checkpoint_state import check_restored_state, check_training_state
 from dynnet.data import SineData, training_dtype
 from dynnet.distributed import agreed_stop, sum_gradients
 from dynnet.divergence import check_finite
 from dynnet.errors import Interrupted
+from dynnet.lightning_internals import (
+    HOOK_NAME,
+    attached_trainer,
+    batch_ended_at_step,
+    log_at_optimizer_steps,
+    log_metrics,
+    set_rank,
+)
 from dynnet.limits import check_memory, check_numbers, prediction_bytes, training_bytes
 from dynnet.model import DynamicPolynomial, ExpectedLoss, polynomial
-from dynnet.resume import apply_changed_optimizer_arguments, run_settings
+from dynnet.resume import DATA, apply_changed_optimizer_arguments, check_same_run, class_path, run_settings
 from dynnet.steps import VALIDATION_METRICS, refuse_unsupported, validation_steps
 from dynnet.yaml_files import load_yaml
 
@@ -43,6 +52,8 @@ class DynamicNet(LightningModule):
     It trains with the tutorial's SGD unless something configures another optimizer (``dynnet fit`` from its
     config, or a subclass's ``configure_optimizers``). ``forward(x)`` is the expected prediction.
     """
+
+    runs_of_steps = True  # SineData serves it runs of optimizer steps (see dynnet.data.SineData)
 
     def __init__(
         self,
@@ -90,7 +101,7 @@ class DynamicNet(LightningModule):
         # Lightning records the running hook's name around every hook call, a dozen times an optimizer step here.
         # nn.Module's __setattr__ type-checks every assignment for parameters, modules and buffers (about 2 us),
         # which this plain string never is; a tenth of the training time went to it.
-        if name == "_current_fx_name":
+        if name == HOOK_NAME:
             self.__dict__[name] = value
         else:
             super().__setattr__(name, value)
@@ -117,10 +128,7 @@ class DynamicNet(LightningModule):
         # whoever built the Trainer. It adds no callbacks: dynnet's defaults are the `dynnet` command's, visible
         # and replaceable.
         trainer = self.trainer
-        # Lightning's rank_zero_only guards (the loggers' writes among them) take a rank from the environment when
-        # they are imported, and only its distributed strategies correct it: a RANK or LOCAL_RANK left in a shell
-        # by another job would silence a fit of one process. The Trainer knows the rank.
-        rank_zero_only.rank = trainer.global_rank
+        set_rank(trainer)  # the Trainer's rank, whatever rank variables a shell holds
         data = trainer.datamodule
         if trainer.state.fn in (TrainerFn.FITTING, TrainerFn.PREDICTING) and not isinstance(data, SineData):
             raise ValueError("DynamicNet trains and predicts on SineData's batches: pass datamodule=SineData(...)")
@@ -144,6 +152,13 @@ class DynamicNet(LightningModule):
         return []
 
     def setup(self, stage: str) -> None:
+        log_at_optimizer_steps(self.trainer)  # a user's self.log lands at the optimizer step, as dynnet's own metrics
+        if stage == "fit":
+            _keep_scheduler_monitors(self)
+            # Lightning's warning that such a checkpoint holds the state after the step's update: what dynnet means
+            # by the step, as every dynnet checkpoint does; its advice (save state before optimizer.step) does not
+            # apply.
+            warnings.filterwarnings("ignore", "Using ModelCheckpoint with manual optimization and every_n_train_steps")
         if self.seed is None:
             # torch.initial_seed() is the run's seed once seed_everything has run; broadcasting rank 0's makes
             # every process draw the same degree at every step even when the processes were seeded differently.
@@ -154,6 +169,14 @@ class DynamicNet(LightningModule):
 
     def on_fit_start(self) -> None:
         trainer = self.trainer
+        # A resumed optimizer and scheduler state, checked now that this fit's own exist, before Lightning loads it.
+        resumed, self._unchecked_training_state = getattr(self, "_unchecked_training_state", None), None
+        if resumed is not None:
+            schedulers = trainer.lr_scheduler_configs
+            now = {"optimizer": class_path(type(trainer.optimizers[0])) if trainer.optimizers else None}
+            now["lr_scheduler"] = class_path(type(schedulers[0].scheduler)) if schedulers else None
+            check_same_run(trainer.ckpt_path, resumed, now)
+            check_training_state(resumed, trainer, run_settings(trainer, self.seed))
         if len(trainer.optimizers) != 1:
             raise ValueError(
                 f"configure_optimizers gave {len(trainer.optimizers)} optimizers; DynamicNet trains its coefficients "
@@ -224,6 +247,7 @@ class DynamicNet(LightningModule):
                     break
         check_finite(self, torch.stack(losses), first, x, y)
         self.last_loss = losses[-1]
+        batch_ended_at_step(self.trainer)  # so that what Lightning counts in batches counts these steps
         if not self.trainer.barebones:  # which turns Lightning's logging off
             # The loss of the batch's last step, for callbacks (EarlyStopping, ModelCheckpoint) and progress bars;
             # the loggers get train/loss at every log_every_n_steps step instead (_log_train). Summed across
@@ -275,8 +299,7 @@ class DynamicNet(LightningModule):
         total = sum(self.degree_counts)
         for degree, count in enumerate(self.degree_counts, self.model.min_degree):
             metrics[f"with_degree/{degree}"] = count / total
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=step)
+        log_metrics(self.trainer, metrics, step)
 
     # ----------------------------------------------------------------------------------------------- evaluation
 
@@ -348,9 +371,7 @@ class DynamicNet(LightningModule):
 
     def log_evaluation(self, metrics: dict[str, Tensor]) -> None:
         """Send evaluation metrics to the loggers at the current optimizer step (rank zero writes)."""
-        values = {name: float(value) for name, value in metrics.items()}
-        for logger in self.loggers:
-            logger.log_metrics(values, step=self.global_step)
+        log_metrics(self.trainer, {name: float(value) for name, value in metrics.items()}, self.global_step)
         self.evaluated_step = self.global_step
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
@@ -390,7 +411,8 @@ class DynamicNet(LightningModule):
             if not isinstance(given, dict):
                 raise ValueError(f"hparams_file {hparams_file} should map hyper-parameters to values")
             accepted = inspect.signature(cls.__init__).parameters
-            unknown = sorted(set(given) - set(accepted))
+            # A run's own hparams.yaml holds the data's settings too, which Lightning drops here, as this does.
+            unknown = sorted(set(given) - set(accepted) - set(inspect.signature(SineData.__init__).parameters))
             if unknown:
                 raise ValueError(
                     f"hparams_file {hparams_file} sets {', '.join(unknown)}, which {cls.__name__} does not take"
@@ -410,6 +432,16 @@ class DynamicNet(LightningModule):
         checkpoint["run_settings"] = run_settings(self.trainer, self.seed)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        trainer = attached_trainer(self)
+        if trainer is not None:  # restored by a Trainer, which loads the rest next (not load_from_checkpoint)
+            fitting = trainer.state.fn == TrainerFn.FITTING
+            if fitting:  # the same refusals as `dynnet fit --ckpt_path`, for a Trainer of the user's own
+                data = trainer.datamodule.hparams if trainer.datamodule is not None else {}
+                now = {"seed_everything": self.seed, "trainer.precision": str(trainer.precision)}
+                now |= {f"model.{k}": self.hparams[k] for k in ("min_degree", "max_degree")}
+                check_same_run(trainer.ckpt_path, checkpoint, now | {f"data.{k}": data.get(k) for k in DATA})
+            check_restored_state(checkpoint, trainer)
+            self._unchecked_training_state = checkpoint if fitting else None  # see on_fit_start
         self.model.rng.setstate(checkpoint["degree_generator"])
         if len(checkpoint["degree_counts"]) == len(self.degree_counts):  # else other degrees (strict=False)
             self.degree_counts = list(checkpoint["degree_counts"])
@@ -431,6 +463,32 @@ def check_plateau(lr: float, factor: float, eps: float, monitor: str) -> None:
             f"{factor:g} every reduction is: give it eps={lr * 1e-8:g} (--lr_scheduler.eps {lr * 1e-8:g}), the lr "
             "times torch's default 1e-8"
         )
+
+
+def _keep_scheduler_monitors(module: LightningModule) -> None:
+    """Have the module's configure_optimizers keep a scheduler dict's ``monitor``, which Lightning drops under
+    manual optimization with a warning that the scheduler must be stepped by hand: DynamicNet steps every
+    scheduler, and a ReduceLROnPlateau on the metric its dict names, as Lightning's automatic optimization does."""
+    configure = module.configure_optimizers
+    if getattr(configure, "keeps_monitors", False):
+        return
+
+    def take_monitors(conf: Any) -> Any:
+        if isinstance(conf, dict) and "scheduler" in conf:
+            if isinstance(conf["scheduler"], torch.optim.lr_scheduler.ReduceLROnPlateau) and "monitor" in conf:
+                conf["scheduler"].monitor = conf["monitor"]  # kept in its state, so a resume steps on it too
+            return {k: v for k, v in conf.items() if k not in ("monitor", "strict", "reduce_on_plateau")}
+        if isinstance(conf, dict):
+            return {k: take_monitors(v) for k, v in conf.items()}
+        if isinstance(conf, (list, tuple)):
+            return type(conf)(take_monitors(c) for c in conf)
+        return conf
+
+    def configure_optimizers() -> Any:
+        return take_monitors(configure())
+
+    configure_optimizers.keeps_monitors = True
+    module.configure_optimizers = configure_optimizers
 
 
 def _monitor(config) -> str:

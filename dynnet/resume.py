@@ -59,8 +59,8 @@ def apply_changed_optimizer_arguments(module: LightningModule, trained: dict) ->
 
 
 def check_resumable(path: Path, checkpoint: dict, config) -> None:
-    """Refuse, in one line, a resume whose settings differ from the run's where the difference cannot apply."""
-    settings = checkpoint["run_settings"]
+    """Refuse, in one line, a resume whose settings differ from the run's where the difference cannot apply:
+    `dynnet fit --ckpt_path`'s check, from its config, before it enters the run."""
     step = checkpoint["global_step"]
     max_steps = last_step(config)
     if 0 <= max_steps <= step:
@@ -68,43 +68,61 @@ def check_resumable(path: Path, checkpoint: dict, config) -> None:
             f"checkpoint {path} is at step {step}, and --trainer.max_steps is {max_steps}: nothing to train; "
             "raise max_steps to continue the run"
         )
-    differences = []
-    seed = config.seed_everything
-    if isinstance(seed, int) and not isinstance(seed, bool) and settings.get("seed") not in (None, seed):
-        differences.append(("seed_everything", seed, settings["seed"]))
-    precision = precision_name(config.trainer.precision, config.trainer.accelerator)
-    if settings.get("precision") not in (None, precision):
-        differences.append(("trainer.precision", precision, settings["precision"]))
-    optimizer = class_path(import_class(config.optimizer.class_path))
-    if settings.get("optimizer") not in (None, optimizer):
-        differences.append(("optimizer", optimizer, settings["optimizer"]))
-    trained_args = settings.get("optimizer_args", {})
+    scheduler = config.get("lr_scheduler")
+    now = {
+        "seed_everything": config.seed_everything if isinstance(config.seed_everything, int) else None,
+        "trainer.precision": precision_name(config.trainer.precision, config.trainer.accelerator),
+        "optimizer": class_path(import_class(config.optimizer.class_path)),
+        "lr_scheduler": class_path(import_class(scheduler.class_path)) if scheduler else None,
+        "lr_interval": config.lr_interval if scheduler else None,
+    } | {f"data.{name}": config.data[name] for name in DATA}
+    check_same_run(path, checkpoint, now)
+    trained_args = checkpoint["run_settings"].get("optimizer_args", {})
     for name, value in vars(config.optimizer.get("init_args") or Namespace()).items():
         old = trained_args.get(name, value)
+        if value is None:  # the class's default, which the optimizer resolved (LBFGS's max_eval) as the run's did
+            continue
         if old != value and not (is_number(old) and is_number(value)):  # numbers apply from the resumed step
-            differences.append((f"optimizer.{name}", value, old))
-    scheduler = class_path(import_class(config.lr_scheduler.class_path)) if config.get("lr_scheduler") else None
-    if settings.get("lr_scheduler") != scheduler:
-        differences.append(("lr_scheduler", scheduler, settings.get("lr_scheduler")))
-    elif scheduler is not None:
+            _refuse(path, f"optimizer.{name}", value, old)
+    if scheduler is not None:
         run_state = checkpoint.get("callbacks", {}).get("Run")  # the run's callback keeps the schedule's arguments
         trained_args = run_state.get("lr_scheduler_args") if isinstance(run_state, dict) else None
         trained_args = trained_args if isinstance(trained_args, dict) else {}
-        for name, value in vars(config.lr_scheduler.get("init_args") or Namespace()).items():
+        for name, value in vars(scheduler.get("init_args") or Namespace()).items():
             if name not in ("last_epoch", "verbose") and trained_args.get(name, value) != value:
-                differences.append((f"lr_scheduler.{name}", value, trained_args[name]))
-    if settings.get("lr_interval") not in (None, config.lr_interval):
-        differences.append(("lr_interval", config.lr_interval, settings["lr_interval"]))
-    for name in ("n_points", "low", "high", "steps_per_epoch"):
-        trained = settings.get("data", {}).get(name)
-        if trained is not None and trained != config.data[name]:
-            differences.append((f"data.{name}", config.data[name], trained))
-    if differences:
-        name, new, old = differences[0]
-        raise ValueError(
-            f"cannot resume from {path} with a changed {name}: it is {new}, the run was trained with {old}; "
-            "resume with the run's value, or start a new run without --ckpt_path"
-        )
+                _refuse(path, f"lr_scheduler.{name}", value, trained_args[name])
+
+
+# The data settings a run is trained on, which a resume keeps: the points, and the steps an epoch holds.
+DATA = ("n_points", "low", "high", "steps_per_epoch")
+
+
+def check_same_run(path: Path | str | None, checkpoint: dict, now: dict[str, Any]) -> None:
+    """Refuse a resume whose settings ``now`` (named as dynnet's options) differ from those the checkpoint's run
+    was trained with; a setting the checkpoint does not record, or ``now`` leaves out, is not compared. The
+    `dynnet fit` command checks from its config, and DynamicNet from its Trainer, so plain Python gets the same
+    line."""
+    settings = checkpoint["run_settings"]
+    trained = {
+        "seed_everything": settings.get("seed"),
+        "trainer.precision": settings.get("precision"),
+        "optimizer": settings.get("optimizer"),
+        "lr_scheduler": settings.get("lr_scheduler", None),
+        "lr_interval": settings.get("lr_interval"),
+    } | {f"data.{name}": settings.get("data", {}).get(name) for name in DATA}
+    trained |= {f"model.{name}": checkpoint["hyper_parameters"].get(name) for name in ("min_degree", "max_degree")}
+    for name, value in now.items():
+        old = trained.get(name)
+        known = name == "lr_scheduler" or (old is not None and value is not None)  # no scheduler is a setting
+        if known and old != value:
+            _refuse(path, name, value, old)
+
+
+def _refuse(path, name: str, new: Any, old: Any) -> None:
+    raise ValueError(
+        f"cannot resume from {path} with a changed {name}: it is {new}, the run was trained with {old}; "
+        "resume with the run's value, or start a new run (without ckpt_path)"
+    )
 
 
 def check_latest(path: Path, step: int) -> None:

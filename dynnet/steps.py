@@ -9,7 +9,6 @@ dynnet what it means in Lightning.
 """
 
 import math
-import re
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import (
@@ -26,6 +25,8 @@ from lightning.pytorch.callbacks import (
     TQDMProgressBar,
 )
 
+from dynnet.lightning_internals import checkpoint_saves_by_time, checkpoint_steps, validation_time
+
 # Callbacks that count Lightning's train batches (a progress bar's position, a monitor's logging interval, a
 # throughput): with one of them every batch is a single optimizer step, so that they count optimizer steps.
 BATCH_COUNTED = (TQDMProgressBar, RichProgressBar, LearningRateMonitor, DeviceStatsMonitor, ThroughputMonitor)
@@ -34,19 +35,44 @@ VALIDATION_METRICS = ("val/expected_loss", "val/optimality_gap", "val/log10_gap"
 MONITORABLE = (*VALIDATION_METRICS, "train/loss")
 
 
-def batch_steps(trainer: Trainer, steps_per_batch: int, steps_per_epoch: int) -> int:
-    """Optimizer steps in one train batch: one when a setting or callback counts train batches; else at most
-    steps_per_batch, and dividing every interval the fit acts on, so that a batch ends at each of those steps."""
+def batch_grid(trainer: Trainer, steps_per_batch: int, steps_per_epoch: int) -> tuple[int, ...]:
+    """The intervals, in optimizer steps, at whose every multiple a train batch ends (as well as at an epoch's end
+    and at max_steps): steps_per_batch, and every interval the fit acts on, so that a batch ends at each of those
+    steps. One step when a setting or callback counts train batches.
+
+    Batches may differ in length, except when Lightning counts a validation interval inside epochs in batches:
+    then all are as long as the greatest common divisor of the intervals, a whole number of them per validation.
+    """
     if trainer.fast_dev_run or counts_batches(trainer):
-        return 1  # fast_dev_run=N means N batches of training, then validation: N steps
-    steps = math.gcd(steps_per_batch, steps_per_epoch)
-    for interval in (trainer.log_every_n_steps, validation_steps(trainer, steps_per_epoch), trainer.min_steps):
-        if interval:
-            steps = math.gcd(steps, interval)
-    for callback in trainer.checkpoint_callbacks:
-        if isinstance(callback, ModelCheckpoint) and checkpoint_interval(callback):
-            steps = math.gcd(steps, checkpoint_interval(callback))
-    return steps
+        return (1,)  # fast_dev_run=N means N batches of training, then validation: N steps
+    intervals = [steps_per_batch, trainer.log_every_n_steps, trainer.min_steps]
+    intervals += [checkpoint_steps(c) for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+    intervals = sorted({i for i in intervals if i})
+    validation = validation_steps(trainer, steps_per_epoch)
+    if validation is not None:
+        return (math.gcd(steps_per_epoch, validation, *intervals),)
+    return tuple(intervals)
+
+
+def one_step_reason(trainer: Trainer, grid: tuple[int, ...], steps_per_batch: int) -> str | None:
+    """Why every train batch is one optimizer step (slower: Lightning's work around a batch is paid every step),
+    when steps_per_batch asks for more; else None."""
+    if 1 not in grid or steps_per_batch == 1:
+        return None
+    if counts_batches(trainer):
+        return (
+            f"{', '.join(counts_batches(trainer))} counts train batches (dynnet.StepProgressBar, or no progress "
+            "bar, keeps batches of many steps)"
+        )
+    if trainer.fast_dev_run:
+        return "fast_dev_run counts train batches"
+    if len(grid) > 1:
+        return "the fit acts at every step (an interval of 1: log_every_n_steps, checkpoints or min_steps)"
+    return (
+        "val_check_interval is counted in train batches, and the intervals the fit acts on (log_every_n_steps, "
+        "val_check_interval, checkpoints, min_steps, the epoch) have no common divisor above 1; intervals that "
+        "divide each other keep batches long"
+    )
 
 
 def counts_batches(trainer: Trainer) -> list[str]:
@@ -54,16 +80,14 @@ def counts_batches(trainer: Trainer) -> list[str]:
     return [type(c).__name__ for c in trainer.callbacks if isinstance(c, BATCH_COUNTED)]
 
 
-def checkpoint_interval(callback: ModelCheckpoint) -> int:
-    """A ModelCheckpoint's every_n_train_steps (0 when it saves by epochs or time). Its only public form is the
-    callback's state key, ``ModelCheckpoint{'monitor': ..., 'every_n_train_steps': N, ...}``."""
-    found = re.search(r"'every_n_train_steps': (\d+)", callback.state_key)
-    return int(found.group(1)) if found else 0
-
-
 def validation_steps(trainer: Trainer, steps_per_epoch: int) -> int | None:
     """The validation interval in optimizer steps when val_check_interval asks for one inside epochs, else None
     (once an epoch, or a time interval)."""
+    if validation_time(trainer) is not None:
+        raise ValueError(
+            "val_check_interval as a time is checked only between train batches, which hold many optimizer steps in "
+            "dynnet: give it in optimizer steps (an int) or as a fraction of an epoch"
+        )
     value = trainer.val_check_interval
     if isinstance(value, bool) or value is None or (isinstance(value, float) and value >= 1.0):
         return None
@@ -84,12 +108,13 @@ def validation_steps(trainer: Trainer, steps_per_epoch: int) -> int | None:
     return None
 
 
-def check_resumed_batches(trained: int | None, batch_steps: int, validation_interval: int | None) -> None:
-    """Refuse to resume a run cut into batches of another size when Lightning counts its validation interval in
+def check_resumed_batches(trained: list[int] | None, grid: tuple[int, ...], validation_interval: int | None) -> None:
+    """Refuse to resume a run cut into batches on another grid when Lightning counts its validation interval in
     batches: the restored count of batches would put every later validation at another step."""
-    if validation_interval is not None and trained not in (None, batch_steps):
+    if validation_interval is not None and trained != list(grid):
         raise ValueError(
-            f"cannot resume with train batches of {batch_steps} steps (the run's were {trained}): val_check_interval "
+            f"cannot resume with train batches of {grid[0]} steps (the run's were "
+            f"{trained[0] if trained and len(trained) == 1 else 'cut otherwise'}): val_check_interval "
             "counts train batches; keep the run's steps_per_batch, log_every_n_steps and checkpoint intervals"
         )
 
@@ -135,7 +160,7 @@ def refuse_unsupported(trainer: Trainer) -> None:
             raise ValueError(
                 f"{name} monitors {monitor!r}, which dynnet does not log; use one of {', '.join(MONITORABLE)}"
             )
-        if isinstance(callback, ModelCheckpoint) and "'train_time_interval': None" not in callback.state_key:
+        if isinstance(callback, ModelCheckpoint) and checkpoint_saves_by_time(callback):
             raise ValueError(
                 "ModelCheckpoint(train_time_interval=...) never fires under manual optimization in this Lightning; "
                 "use every_n_train_steps"

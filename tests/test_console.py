@@ -12,7 +12,7 @@ def test_a_fit_prints_its_lines_and_nothing_else(tmp_path):
                  "--trainer.default_root_dir", str(tmp_path))  # fmt: skip
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
-    assert [line.split()[0] for line in lines] == ["Optimizer:", "Model:", "Trained", "Result:", "Logs:"]
+    assert [line.split()[0] for line in lines] == ["Optimizer:", "Model:", "Trained", "Result:", "Expected", "Logs:"]
     assert lines[0] == "Optimizer: Adam(lr=0.1); lr_scheduler: CosineAnnealingLR(T_max=3000) every step"
     assert lines[1] == (
         "Model: DynamicPolynomial, 5 parameters a, b, c, d, e (e shared by x^4 and x^5), "

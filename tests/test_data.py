@@ -25,7 +25,7 @@ def items(global_step: int, max_steps: int, steps_per_epoch: int, steps_per_batc
     """(first step, steps) of every item one epoch of the train loader yields from global_step."""
     x, y = torch.zeros(3), torch.ones(3)
     trainer = SimpleNamespace(global_step=global_step, max_steps=max_steps)
-    loader = TrainItems(x, y, trainer, steps_per_epoch, steps_per_batch)
+    loader = TrainItems(x, y, trainer, steps_per_epoch, (steps_per_batch,))
     batches = list(loader)
     assert all(bx is x and by is y for bx, by, _, _ in batches)  # the same tensors: nothing is copied per step
     return [(first, steps) for _, _, first, steps in batches]

@@ -356,9 +356,9 @@ def test_lr_monitor_counts_optimizer_steps(tmp_path, flags):
 def test_throughput_monitor_counts_optimizer_steps(tmp_path):
     throughput = '{"class_path": "ThroughputMonitor", "init_args": {"batch_size_fn": "builtins.len"}}'
     cli = fit(tmp_path, *callback(throughput))
-    assert cli.datamodule.batch_steps == 1
-    # Lightning's count of batches, against its batch index: 200 batches of one step each.
-    assert scalars(tmp_path, "train/batches")[-1] == (199, 200.0)
+    assert cli.datamodule.grid == (1,)
+    # Lightning's count of batches, 200 of one step each, logged at the optimizer step as every metric.
+    assert scalars(tmp_path, "train/batches")[-1] == (200, 200.0)
 
 
 # ------------------------------------------------------------------------------------------------ callbacks
@@ -400,7 +400,7 @@ def test_lightnings_progress_bars_replace_dynnets_and_count_steps(tmp_path, caps
             cleanup=cleanup,
         )  # fmt: skip
     assert type(cli.trainer.progress_bar_callback).__name__ == bar
-    assert cli.datamodule.batch_steps == 1  # the bar counts batches: each one an optimizer step
+    assert cli.datamodule.grid == (1,)  # the bar counts batches: each one an optimizer step
     assert cli.trainer.global_step == 200
 
 

@@ -5,6 +5,7 @@ Every case is a tiny CPU fit into tmp_path: epochs of 100 steps, train batches o
 """
 
 from contextlib import ExitStack
+from datetime import timedelta
 
 import lightning as L
 import pytest
@@ -27,8 +28,6 @@ from dynnet.checkpoint import load_checkpoint
 from dynnet.cli import DynnetCLI
 
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
-# Lightning's notice that ModelCheckpoint(every_n_train_steps) saves the state after the step: what dynnet means.
-pytestmark = pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization")
 
 
 def data() -> SineData:
@@ -145,6 +144,82 @@ def test_validation_comes_at_the_steps_asked_for(tmp_path, settings, validated):
     assert trainer.val_check_interval == settings.get("val_check_interval", 1.0)  # the user's Trainer, unchanged
 
 
+class OwnLogs(DynamicNet):
+    """A user's own metrics, logged in the hooks Lightning users log in."""
+
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)
+        self.log("own/step", float(self.global_step))
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("own/validated", float(self.global_step))
+
+
+@pytest.mark.parametrize("every", [20, 7], ids=["dividing", "not-dividing"])
+def test_a_users_own_logs_land_at_the_optimizer_steps(tmp_path, every):
+    trainer, _ = train(tmp_path, module=OwnLogs(), max_steps=300, log_every_n_steps=every)
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert scalar_steps(run, "own/step") == list(range(every, 301, every))  # every log_every_n_steps steps
+    assert scalar_steps(run, "train/loss") == list(range(every, 301, every))  # beside dynnet's own
+    # At each validation (epoch ends), at the step dynnet's own evaluation is logged at.
+    assert scalar_steps(run, "own/validated") == scalar_steps(run, "val/expected_loss") == [100, 200, 300]
+    assert trainer.logged_metrics["own/validated"] == 300 and "val/expected_loss" in trainer.logged_metrics
+    assert 1 not in trainer.datamodule.grid  # batches stay long where the intervals do not divide each other
+
+
+def test_settings_that_force_one_step_batches_say_so(tmp_path, capsys):
+    trainer, _ = train(tmp_path, max_steps=100, log_every_n_steps=7, val_check_interval=30)
+    assert trainer.datamodule.grid == (1,)  # Lightning counts the validation interval in batches: gcd 1
+    assert "Train batches of one optimizer step, which is slower: val_check_interval is counted in train batches" \
+        in capsys.readouterr().out  # fmt: skip
+
+
+class Linear(L.LightningModule):
+    """Any module, under automatic optimization: SineData serves it (x, y) once per optimizer step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.batches = torch.nn.Linear(1, 1), []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.batches.append(len(x))
+        return torch.nn.functional.mse_loss(self.layer(x.unsqueeze(-1)).squeeze(-1), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("every", [1, 7, 50])
+def test_sinedata_serves_any_module_the_full_batch_once_a_step(tmp_path, every):
+    module = Linear()
+    trainer = L.Trainer(max_epochs=2, log_every_n_steps=every, default_root_dir=tmp_path, **QUIET)
+    trainer.fit(module, data())
+    assert trainer.global_step == 2 * 100 and trainer.current_epoch == 2
+    assert module.batches == [2000] * 200
+
+
+@pytest.mark.parametrize(
+    "interval", ["00:00:00:01", timedelta(seconds=1), {"seconds": 1}], ids=["str", "timedelta", "dict"]
+)
+def test_a_time_based_validation_interval_is_refused_in_one_line(tmp_path, interval):
+    assert refused(tmp_path, max_steps=100, val_check_interval=interval) == (
+        "val_check_interval as a time is checked only between train batches, which hold many optimizer steps in "
+        "dynnet: give it in optimizer steps (an int) or as a fraction of an epoch"
+    )
+
+
+def test_estimated_stepping_batches_counts_the_steps_max_epochs_allows(tmp_path):
+    class Estimate(DynamicNet):
+        def configure_optimizers(self):
+            self.estimated = self.trainer.estimated_stepping_batches
+            return super().configure_optimizers()
+
+    trainer, module = train(tmp_path, module=Estimate(), max_steps=300, max_epochs=1)
+    assert module.estimated == trainer.global_step == 100
+    assert trainer.max_steps == 300  # the user's Trainer, as given
+
+
 def test_max_steps_ends_inside_a_batch_and_an_epoch_as_in_lightning(tmp_path):
     class Validations(Callback):
         def __init__(self) -> None:
@@ -234,13 +309,13 @@ def test_lightnings_progress_bars_count_optimizer_steps(tmp_path, bar):
             assert batch_idx + 1 == trainer.global_step - 100 * trainer.current_epoch
 
     trainer, _ = train(tmp_path, max_steps=150, callbacks=[Counted()], enable_progress_bar=True)
-    assert trainer.datamodule.batch_steps == 1
+    assert trainer.datamodule.grid == (1,)
     assert trainer.global_step == 150
 
 
 def test_dynnets_progress_display_keeps_batches_of_many_steps(tmp_path):
     trainer, _ = train(tmp_path, max_steps=150, callbacks=[StepProgressBar()], enable_progress_bar=True)
-    assert trainer.datamodule.batch_steps == 50
+    assert trainer.datamodule.grid == (50,)
 
 
 def test_the_lr_monitor_logs_at_optimizer_steps(tmp_path):
@@ -264,15 +339,16 @@ def test_gradient_clipping_bounds_every_update(tmp_path):
 
 
 class Plateau(DynamicNet):
-    def __init__(self, eps: float | None = None) -> None:
+    def __init__(self, eps: float | None = None, monitor: str | None = None) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.monitor = eps, monitor
 
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.parameters(), lr=1e-8, momentum=0.9)
         kwargs = {"eps": self.eps} if self.eps is not None else {}
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=0, **kwargs)
-        return {"optimizer": optimizer, "lr_scheduler": plateau}
+        schedule = {"scheduler": plateau} | ({"monitor": self.monitor} if self.monitor else {})
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
 
 def test_reduce_on_plateau_that_could_never_act_is_refused_with_the_fix(tmp_path):
@@ -284,6 +360,23 @@ def test_reduce_on_plateau_lowers_a_small_lr_given_a_small_eps(tmp_path):
     # Watching for a rise of a falling loss: every validation after the first is a plateau.
     trainer, _ = train(tmp_path, module=Plateau(eps=1e-16), max_steps=300)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-10)  # reduced at steps 200 and 300
+
+
+def test_step_checkpoints_hold_the_state_after_the_step_without_a_warning_to_the_contrary(tmp_path, recwarn):
+    every_50 = ModelCheckpoint(every_n_train_steps=50, save_top_k=-1, filename="{step}")
+    train(tmp_path, max_steps=100, callbacks=[every_50])
+    saved = load_checkpoint(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "step=50.ckpt")
+    assert saved["global_step"] == 50 and sum(saved["degree_counts"]) == 50  # after step 50's update
+    assert not [w for w in recwarn if "pre-optimization state" in str(w.message)]
+
+
+def test_a_scheduler_dicts_monitor_is_the_one_reduce_on_plateau_steps_on(tmp_path, recwarn):
+    trainer, _ = train(tmp_path, module=Plateau(eps=1e-16, monitor="val/optimality_gap"), max_steps=300)
+    assert trainer.lr_scheduler_configs[0].scheduler.monitor == "val/optimality_gap"
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-10)
+    assert not [w for w in recwarn if "lr_scheduler.step()` manually" in str(w.message)]  # dynnet steps it
+    with pytest.raises(ValueError, match="ReduceLROnPlateau monitors 'val/los', which validation does not log"):
+        train(tmp_path / "typo", module=Plateau(eps=1e-16, monitor="val/los"), max_steps=300)  # before training
 
 
 # ------------------------------------------------------------------------------------------------ refusals
@@ -401,6 +494,9 @@ def test_load_from_checkpoint_takes_lightnings_arguments(tmp_path, checkpoint):
     hparams.write_text("max_degre: 6\n")
     with pytest.raises(ValueError, match=r"sets max_degre, which DynamicNet does not take"):
         DynamicNet.load_from_checkpoint(path, hparams_file=hparams)
+    # The run's own hparams.yaml, which holds the data's settings beside the model's.
+    own = DynamicNet.load_from_checkpoint(path, hparams_file=path.parents[1] / "hparams.yaml")
+    assert torch.equal(own.model.flat(), trained.model.flat())
 
 
 def test_a_plain_resume_ends_where_one_fit_ends(tmp_path, checkpoint):

@@ -178,9 +178,16 @@ def test_a_refused_writer_changes_nothing(tmp_path):
     fit(tmp_path)
     run = run_dir(tmp_path)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from dynnet.run import RunLock; "
-         "RunLock(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()", str(run)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from dynnet.run import RunLock; "
+            "RunLock(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()",
+            str(run),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )  # fmt: skip  (it holds the lock until the test closes its input, however slow the machine)
     try:
         assert holder.stdout.readline().strip() == "locked"

@@ -11,6 +11,7 @@ from typing import Any
 
 from lightning.pytorch import Callback
 
+from dynnet.arguments import dotted
 from dynnet.cli import DynnetCLI
 from dynnet.errors import USER_ERRORS, one_line
 from dynnet.sweep.config import Sweep
@@ -62,7 +63,7 @@ class _Check(DynnetCLI):
 
     def before_instantiate_classes(self) -> None:
         # As the study stores it (JSON): paths and enums as text, tuples as lists.
-        self.parsed = _dotted(json.loads(json.dumps(self.config[self.subcommand].as_dict(), default=str)))
+        self.parsed = dotted(json.loads(json.dumps(self.config[self.subcommand].as_dict(), default=str)))
         _check_trial(self.parsed, self.root)  # before dynnet makes a run folder where the config says
         super().before_instantiate_classes()
 
@@ -126,14 +127,3 @@ def _check_trial(config: dict[str, Any], root: Path) -> None:
     for key in ("trainer.fast_dev_run", "trainer.barebones"):
         if config[key]:
             raise SweepError(f"fit_args set {key}: a trial keeps a full run folder (config, logs, checkpoints)")
-
-
-def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config as one level of dotted keys (trainer.max_steps); lists stay values."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat |= _dotted(value, f"{prefix}{key}.")
-        else:
-            flat[prefix + key] = value
-    return flat
