@@ -507,6 +507,29 @@ def test_a_plain_resume_ends_where_one_fit_ends(tmp_path, checkpoint):
     assert torch.equal(resumed.model.flat(), straight.model.flat())
 
 
+class AdamInstead(DynamicNet):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize(
+    "module, data_args, trainer_args, line",
+    [
+        (DynamicNet, {"n_points": 500}, {}, "changed data.n_points: it is 500, the run was trained with 2000"),
+        (DynamicNet, {}, {"precision": "64-true"}, "changed trainer.precision: it is 64-true, the run was trained"),
+        (AdamInstead, {}, {}, "changed optimizer: it is torch.optim.adam.Adam, the run was trained with "),
+    ],
+    ids=["data", "precision", "optimizer"],
+)
+def test_a_plain_resume_gets_the_commands_refusals(tmp_path, checkpoint, module, data_args, trainer_args, line):
+    path, _ = checkpoint
+    trainer = L.Trainer(max_steps=200, default_root_dir=tmp_path / "resumed", **(QUIET | trainer_args))
+    data_module = SineData(**({"steps_per_epoch": 100, "steps_per_batch": 50} | data_args))
+    with pytest.raises(ValueError, match=f"cannot resume from {path} with a {line}"):
+        trainer.fit(module(), data_module, ckpt_path=path)
+    assert not list((tmp_path / "resumed").rglob("*.ckpt"))  # refused before training: nothing saved
+
+
 def test_a_checkpoint_filename_with_a_slash_resumes(tmp_path, fit):
     spec = {"class_path": "ModelCheckpoint", "init_args": {"filename": "{step}-{val/expected_loss:.4f}"}}
     args = ["-c", str(ROOT / "configs" / "default.yaml"), "--trainer.max_steps", "200", "--data.steps_per_epoch",
