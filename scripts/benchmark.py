@@ -13,7 +13,7 @@ warm-up of each, and reports the median and the spread (min-max) over --repeats 
   only its memory, which does not depend on the machine's load).
 
 Writes results.json and scaling.png (results-gpu.json and scaling-gpu.png on a GPU) into the folder --out names;
-benchmark/ holds the figures the README shows.
+benchmark/ holds the figures docs/performance.md shows.
 
     python scripts/benchmark.py --out /tmp/bench                     # CPU, about 15 minutes on 2 cores
     python scripts/benchmark.py --out /tmp/bench --accelerator gpu   # the same on the first GPU
