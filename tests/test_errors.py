@@ -17,6 +17,8 @@ from dynnet.checkpoint import load_checkpoint
 from dynnet.cli import main
 
 DEFAULT = str(ROOT / "configs" / "default.yaml")
+# The refusal of a GPU, which only a machine without one gives.
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a GPU on a machine without one")
 
 
 def fit_error(tmp_path, capsys, *args: str) -> str:
@@ -28,10 +30,13 @@ def fit_error(tmp_path, capsys, *args: str) -> str:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--trainer.accelerator", "gpu"], "--trainer.accelerator gpu: torch cannot use a GPU here"),
-        (  # a value from a config file names the file, not a flag the user never typed
+        pytest.param(
+            ["--trainer.accelerator", "gpu"], "--trainer.accelerator gpu: torch cannot use a GPU here", marks=NO_GPU
+        ),
+        pytest.param(  # a value from a config file names the file, not a flag the user never typed
             ["-c", str(ROOT / "configs" / "gpu.yaml")],
             f"trainer.accelerator: gpu (in {ROOT / 'configs' / 'gpu.yaml'}): torch cannot use a GPU here",
+            marks=NO_GPU,
         ),
         (["--trainer.max_steps", "-5"], "--trainer.max_steps -5: give -1 (no limit) or a step count"),
         (["--trainer.check_val_every_n_epoch", "0"], "--trainer.check_val_every_n_epoch 0: give at least 1"),
@@ -44,7 +49,6 @@ def fit_error(tmp_path, capsys, *args: str) -> str:
         (["--predictions.path", "out/"], None),
     ],
 )
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a GPU on a machine without one")
 def test_bad_settings_get_one_line(tmp_path, capsys, args, message):
     if message is None:  # a predict option: checked by predict
         error = error_of(["predict", *args, "--trainer.default_root_dir", str(tmp_path / "root")], capsys)

@@ -1,11 +1,9 @@
 """dynnet-sweep's refusals: bad input is one line before any trial starts, leaves nothing behind, and never shows
-a password; a study holds one experiment. Helpers and configs for the other test_sweep_* files."""
+a password; a study holds one experiment."""
 
-import csv
 import os
 import re
 import signal
-import sys
 import tracemalloc
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import ROOT, free_port
+from conftest import GRID, ROOT, SEARCH, TINY_FIT, free_port, sweep_file
 
 from dynnet.sweep import main
 from dynnet.sweep.command import parser
@@ -22,76 +20,6 @@ from dynnet.sweep.fit import check_fit, run_name
 from dynnet.sweep.hparams import EXPERIMENT_FILE
 from dynnet.sweep.storage import scrub
 from dynnet.sweep.study import EXPERIMENT, experiment, open_study
-
-# Tiny fits: 200 steps, a validation (a pruning point) every 50, no progress display: well under a second each.
-TINY_FIT = {
-    "trainer.max_steps": 200,
-    "trainer.log_every_n_steps": 50,
-    "data.steps_per_epoch": 50,
-    "data.steps_per_batch": 50,
-}
-# The tutorial's SGD without momentum: lr 1e-3 diverges within a few steps; lr 1e-9 barely moves, so its gap after
-# 50 steps (5e4 to 2e5 for seeds 0 and 1) is above the threshold pruner's limit; 1e-8 and 4e-8 are below it (2e4
-# at most) and complete.
-GRID = {
-    "fit": str(ROOT / "configs" / "default.yaml"),
-    "fit_args": TINY_FIT | {"optimizer.momentum": 0.0},
-    "space": {"lr": {"choice": [1.0e-3, 1.0e-9, 1.0e-8, 4.0e-8]}, "seed": {"int": [0, 1]}},
-    "sampler": "GridSampler",  # every point exactly once: which trials diverge and which are pruned is known
-    "pruner": {"class": "ThresholdPruner", "upper": 3.0e4},
-    "trials": 8,
-    "heartbeat_interval": 1,
-    "grace_period": 3,
-}
-# The shape of a real sweep: a choice of optimizers, each with its own learning-rate range, and seeds.
-SEARCH = {
-    "fit": str(ROOT / "configs" / "fast.yaml"),
-    "fit_args": TINY_FIT | {"lr_scheduler.T_max": 200},
-    "space": {
-        "seed": {"int": [0, 3]},
-        "optimizer": {
-            "choice": {
-                "torch.optim.SGD": {"lr": {"log": [1.0e-9, 1.0e-8]}, "momentum": {"uniform": [0.0, 0.9]}},
-                "torch.optim.Adam": {"lr": {"log": [1.0e-2, 0.3]}},
-            }
-        },
-    },
-    "sampler": "RandomSampler",  # unseeded: two commands started together must not draw the same points
-    "heartbeat_interval": 1,
-    "grace_period": 3,
-}
-# A pruner that would stop every trial at its last validation (step 200 of TINY_FIT) and at no other: a trial that
-# trains every step must be complete all the same.
-PRUNE_AT_THE_END = {"class": "ThresholdPruner", "upper": 0.0, "n_warmup_steps": 200}
-
-
-def sweep_file(path: Path, config: dict, **changes) -> Path:
-    path.write_text(yaml.safe_dump(config | changes, sort_keys=False))
-    return path
-
-
-def load(root: Path, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{root / 'study.db'}")
-
-
-def rows(root: Path) -> list[dict]:
-    with (root / "trials.csv").open() as file:
-        return list(csv.DictReader(file))
-
-
-def sweep_command(*args: str) -> list[str]:
-    """The dynnet-sweep console script of this environment (the one pip installs from pyproject's scripts)."""
-    return [str(Path(sys.executable).with_name("dynnet-sweep")), *args]
-
-
-def best_lines(out: str) -> tuple[re.Match, str, str]:
-    """The best trial's line (number, settings, value, run), its Result and its rerun command."""
-    best = re.search(r"^Best trial (\d+): (.*), val/optimality_gap (\S+), run (\S+)$", out, re.M)
-    assert best, out
-    result = re.search(r"^Result: (y = .*)$", out, re.M)
-    rerun = re.search(r"^Rerun: (\S+ -m dynnet fit .*)$", out, re.M)
-    assert result and rerun, out
-    return best, result.group(1), rerun.group(1)
 
 
 def refusal(args: list[str]) -> str:

@@ -13,12 +13,11 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, SEARCH, free_port, load, sweep_file
 from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2
 from tensorboard.plugins.hparams import metadata as hparams_metadata
-from test_sweep import SEARCH, load, sweep_file
 
 from dynnet.sweep import main
 from dynnet.sweep.command import parser

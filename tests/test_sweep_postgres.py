@@ -10,9 +10,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import free_port
+from conftest import SEARCH, best_lines, free_port, sweep_command, sweep_file
 from optuna.trial import TrialState
-from test_sweep import SEARCH, best_lines, sweep_command, sweep_file
 
 
 def _server_binaries() -> Path | None:

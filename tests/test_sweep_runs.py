@@ -15,12 +15,22 @@ import time
 import urllib.request
 from pathlib import Path
 
-import optuna
 import pytest
-from conftest import free_port
+from conftest import (
+    GRID,
+    PRUNE_AT_THE_END,
+    SEARCH,
+    TINY_FIT,
+    best_lines,
+    free_port,
+    load,
+    rows,
+    running,
+    sweep_command,
+    sweep_file,
+)
 from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_sweep import GRID, PRUNE_AT_THE_END, SEARCH, TINY_FIT, best_lines, load, rows, sweep_command, sweep_file
 
 from dynnet.module import DynamicNet
 from dynnet.sweep import main
@@ -288,11 +298,3 @@ def test_killed_worker_fails_its_trial_and_the_sweep_goes_on(tmp_path):
     assert all(t.state.is_finished() for t in trials)
     assert "3 of 3 trials finished" in out and "1 lost); this command ran 4" in out
     assert rows(root)[victim.number]["state"] == "lost"
-
-
-def running(root: Path, name: str) -> list[optuna.trial.FrozenTrial]:
-    """The study's running trials, once the sweep has created its study (a trial's run folder is there): opening
-    the database before would race the sweep creating its tables."""
-    if not list((root / "lightning_logs").glob("trial_*")):
-        return []
-    return load(root, name).get_trials(states=(TrialState.RUNNING,))

@@ -13,9 +13,8 @@ import optuna
 import pytest
 import sqlalchemy
 import torch
+from conftest import PRUNE_AT_THE_END, SEARCH, TINY_FIT, load, rows, running, sweep_command, sweep_file
 from optuna.trial import TrialState
-from test_sweep import PRUNE_AT_THE_END, SEARCH, TINY_FIT, load, rows, sweep_command, sweep_file
-from test_sweep_runs import running
 
 pytestmark = pytest.mark.slow
 
