@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from dynnet.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT, FAST = str(ROOT / "configs" / "default.yaml"), str(ROOT / "configs" / "fast.yaml")  # the shipped configs
 RESULT = re.compile(r"^Result: y = (\S+) \+ (\S+) x \+ (\S+) x\^2 \+ (\S+) x\^3 \+ (\S+) x\^4 \? \+ \S+ x\^5 \?$", re.M)
 
 # A few hundred steps, two epochs, no progress display: what most CLI tests need, in a second or two.

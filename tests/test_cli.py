@@ -4,13 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TINY, error_of, last, plain_loop, result, run_dir
+from conftest import DEFAULT, FAST, ROOT, TINY, error_of, last, plain_loop, result, run_dir
 
 from dynnet.checkpoint import load_checkpoint
 from dynnet.cli import FIT_EPILOG, SUBCOMMANDS, main
 from dynnet.module import DynamicNet
-
-DEFAULT, FAST = str(ROOT / "configs" / "default.yaml"), str(ROOT / "configs" / "fast.yaml")
 
 
 def test_short_fit_learns_and_writes_its_run(fit, tmp_path):

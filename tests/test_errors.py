@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, error_of, last, run_dir
+from conftest import DEFAULT, ROOT, TINY, error_of, last, run_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dynnet.checkpoint import load_checkpoint
 from dynnet.cli import main
 
-DEFAULT = str(ROOT / "configs" / "default.yaml")
 # The refusal of a GPU, which only a machine without one gives.
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a GPU on a machine without one")
 

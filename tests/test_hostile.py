@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, dynnet, error_of, last, run_dir, stop_line
+from conftest import DEFAULT, TINY, dynnet, error_of, last, run_dir, stop_line
 
 from dynnet import command as entry_point
 from dynnet.checkpoint import load_checkpoint
 from dynnet.cli import main
 from dynnet.yaml_files import MAX_VALUES
 
-DEFAULT = str(ROOT / "configs" / "default.yaml")
 # Long enough to be stopped, killed or locked while it trains: epochs of 100 steps, never finished.
 ENDLESS = ["-c", DEFAULT, *TINY, "--trainer.max_steps", "1000000"]
 

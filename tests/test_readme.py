@@ -63,7 +63,7 @@ def test_the_pages_have_their_commands():
 
 
 @pytest.mark.parametrize("page", PAGES, ids=page_id)
-def test_every_command_runs_from_the_clone_as_written(page):
+def test_every_command_uses_the_clones_virtual_environment(page):
     # One way throughout: the virtual environment's programs, from the clone's folder.
     for command in bash_commands(page):
         assert re.match(r"(python3 -m venv \.venv$|(srun )?\.venv/bin/\w)", command), command

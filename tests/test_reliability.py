@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, dynnet, error_of, last, result
+from conftest import DEFAULT, TINY, dynnet, error_of, last, result
 
 from dynnet.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
 from dynnet.module import DynamicNet
 
-DEFAULT = str(ROOT / "configs" / "default.yaml")
 # 1500 steps in epochs of 100: fifteen checkpoints to be killed between.
 RESUMABLE = [
     "-c",

@@ -15,15 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, dynnet, error_of, last, result, run_dir, stop_line
+from conftest import DEFAULT, TINY, dynnet, error_of, last, result, run_dir, stop_line
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dynnet.checkpoint import MAX_CHECKPOINT_BYTES, load_checkpoint
 from dynnet.cli import DynnetCLI, main
 from dynnet.module import DynamicNet
 from dynnet.predictions import export_main
-
-DEFAULT = str(ROOT / "configs" / "default.yaml")
 
 
 def fit(root: Path, *args: str) -> DynnetCLI:

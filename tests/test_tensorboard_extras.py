@@ -26,7 +26,7 @@ from dynnet.fit_picture import WIDTH, FitPicture, round_scale
 from dynnet.hparams import experiment_summary, session_start_summary
 from dynnet.tensorboard import LINKED_METRICS, LOG10_LOSS
 
-DEFAULT = ["-c", str(ROOT / "configs" / "default.yaml")]
+WITH_DEFAULT = ["-c", str(ROOT / "configs" / "default.yaml")]
 COEFFICIENTS = [f"weights/{name}" for name in "abcde"]
 
 
@@ -57,7 +57,7 @@ def marked(run: EventAccumulator) -> set[str]:
 
 
 def test_a_fit_writes_images_hparams_layout_and_result(fit, tmp_path):
-    fit(*DEFAULT, *TINY)  # validated at steps 100 and 200, its last step
+    fit(*WITH_DEFAULT, *TINY)  # validated at steps 100 and 200, its last step
     run = events(tmp_path)
 
     # One picture per validation, none for the sanity check at step 0, none more at the validated last step.
@@ -125,13 +125,13 @@ def test_a_fit_writes_images_hparams_layout_and_result(fit, tmp_path):
 
 def test_last_step_gets_a_picture_when_no_validation_ran_there(fit, tmp_path):
     # Validation every second epoch: at step 200; the run ends at 300, the end of the third epoch.
-    fit(*DEFAULT, *TINY, "--trainer.max_steps", "300", "--trainer.check_val_every_n_epoch", "2")
+    fit(*WITH_DEFAULT, *TINY, "--trainer.max_steps", "300", "--trainer.check_val_every_n_epoch", "2")
     run = events(tmp_path)
     assert image_steps(run) == [200, 300]
 
 
 def test_scheduler_and_optimizer_arguments_are_in_hparams(fit, tmp_path):
-    fit(*DEFAULT, *TINY, "--optimizer", "torch.optim.Adam", "--optimizer.lr", "0.1", "--optimizer.amsgrad", "true",
+    fit(*WITH_DEFAULT, *TINY, "--optimizer", "torch.optim.Adam", "--optimizer.lr", "0.1", "--optimizer.amsgrad", "true",
         "--lr_scheduler", "torch.optim.lr_scheduler.CosineAnnealingLR", "--lr_scheduler.T_max", "3000",
         "--lr_interval", "epoch")  # fmt: skip
     run = events(tmp_path)
@@ -151,7 +151,7 @@ def test_scheduler_and_optimizer_arguments_are_in_hparams(fit, tmp_path):
 
 def test_a_plateau_schedule_is_listed_with_its_arguments(fit, tmp_path):
     # LightningCLI's ReduceLROnPlateau takes torch's arguments as **kwargs.
-    fit(*DEFAULT, *TINY, "--lr_scheduler", "ReduceLROnPlateau", "--lr_scheduler.monitor", "val/expected_loss",
+    fit(*WITH_DEFAULT, *TINY, "--lr_scheduler", "ReduceLROnPlateau", "--lr_scheduler.monitor", "val/expected_loss",
         "--lr_scheduler.eps", "1e-16")  # fmt: skip
     settings = hparams(events(tmp_path))
     assert (settings["lr_scheduler"], settings["lr_interval"]) == ("ReduceLROnPlateau", "validation")
@@ -212,14 +212,14 @@ class StopAt(Callback):
 
 
 def test_interrupted_fit_gets_a_picture_at_the_step_it_stopped(tmp_path):
-    args = ["fit", *DEFAULT, *TINY, "--trainer.default_root_dir", str(tmp_path)]
+    args = ["fit", *WITH_DEFAULT, *TINY, "--trainer.default_root_dir", str(tmp_path)]
     with ExitStack() as cleanup, pytest.raises(Interrupted):
         DynnetCLI(args=args, cleanup=cleanup, callbacks=[StopAt(150)])
     assert image_steps(events(tmp_path)) == [100, 150]
 
 
 def test_other_loggers_get_nothing(fit, tmp_path):
-    fit(*DEFAULT, *TINY, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
+    fit(*WITH_DEFAULT, *TINY, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
         str(tmp_path / "csv"))  # fmt: skip
     assert not list(tmp_path.rglob("events.out.tfevents.*"))
     assert list((tmp_path / "csv").rglob("metrics.csv"))
