@@ -171,7 +171,10 @@ def _leaf_problem(value: Any, reference: Any, where: str, settings: bool, paths:
     if settings and _is_number(reference):
         if not _is_number(value):
             return _unlike(value, reference, where)
-        return None if _finite(value) else f"its {where} is {_shown(value)}, not a finite number"
+        if not _finite(value):
+            return f"its {where} is {_shown(value)}, not a finite number"
+        # A resume may change a setting's value, not its sign: a negative lr or weight decay would train uphill.
+        return f"its {where} is {_shown(value)}, below 0" if float(value) < 0 <= float(reference) else None
     if settings or (isinstance(reference, str) and not paths):
         if type(value) is not type(reference) or not _same(value, reference):
             return f"its {where} is {_shown(value)}, where this configuration has {_shown(reference)}"
@@ -272,14 +275,16 @@ def files_outside(states: dict, callbacks: list, run: Path | None, skip: str) ->
     """The first file a live callback's restored state names outside the run (or the folder the callback was
     configured to write to), resolved as the callback would use it ('..' and symbolic links followed), or None.
 
-    A string a state holds where this configuration's holds another (or nothing yet) names a file the callback may
-    later write or delete: a ModelCheckpoint deletes its previous best, whether or not its state names a folder.
-    ``skip``: a callback's key whose state names no such path (the Run's own, checked by the Run).
+    A callback names its files in fields whose names end in "path" (ModelCheckpoint's best_model_path,
+    last_model_path, dirpath, ...) and as the keys of a mapping whose name ends in "models" (its best_k_models): it
+    may later write or delete them (a ModelCheckpoint deletes its previous best), whether or not its state names a
+    folder. Other strings (EarlyStopping's message, a monitor's name) are not files. ``skip``: a callback's key
+    whose state names no such path (the Run's own, checked by the Run).
     """
     for key, callback in _restored_callbacks(states, callbacks):
         own = getattr(callback, "dirpath", None)
         folders = [Path(folder).resolve() for folder in (run, own) if folder]
-        for name in _changed_strings(states[key], callback.state_dict()) if key != skip else ():
+        for name in _named_files(states[key]) if key != skip else ():
             try:
                 path = Path(name).resolve()
             except ValueError:  # a NUL byte: no file is named so, and no name with one lies in a folder
@@ -289,20 +294,17 @@ def files_outside(states: dict, callbacks: list, run: Path | None, skip: str) ->
     return None
 
 
-def _changed_strings(value: Any, reference: Any) -> Iterator[str]:
-    """The non-empty strings (mapping keys included) value holds where the reference (of the same structure) holds
-    another, or none."""
-    if isinstance(value, str):
-        if value and value != reference:
-            yield value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if isinstance(reference, dict) and key in reference:
-                yield from _changed_strings(item, reference[key])
+def _named_files(state: Any) -> Iterator[str]:
+    """The non-empty strings a callback state holds as files: the values of fields named ``*path`` and the keys of
+    mappings named ``*models``, at any depth."""
+    if isinstance(state, dict):
+        for key, value in state.items():
+            if isinstance(key, str) and key.endswith("path") and isinstance(value, str) and value:
+                yield value
+            elif isinstance(key, str) and key.endswith("models") and isinstance(value, dict):
+                yield from (name for name in value if isinstance(name, str) and name)
             else:
-                yield from _changed_strings(key, None)
-                yield from _changed_strings(item, None)
-    elif isinstance(value, (list, tuple)):
-        references = reference if isinstance(reference, (list, tuple)) else ()
-        for i, item in enumerate(value):
-            yield from _changed_strings(item, references[i] if i < len(references) else None)
+                yield from _named_files(value)
+    elif isinstance(state, (list, tuple)):
+        for item in state:
+            yield from _named_files(item)

@@ -22,15 +22,17 @@ def check_trainer_flags(trainer, named: Callable[[str], str]) -> None:
             f"{named('trainer.accelerator')}: torch cannot use a GPU here ({why}); "
             "use --trainer.accelerator cpu (or auto)"
         )
-    devices = int(trainer.devices) if str(trainer.devices).isdigit() else None
     gpu = uses_gpu(trainer.accelerator)
     have = torch.cuda.device_count() if gpu else len(os.sched_getaffinity(0))
-    if devices is not None and devices > have:
-        # Each device is a process: more processes than cores (or GPUs) only wait for each other, and enough of
-        # them exhaust the machine's memory before the first step.
+    devices = str(trainer.devices)
+    count = int(devices) if devices.lstrip("-").isdigit() else None
+    # Each device is a process: more processes than cores (or GPUs) only wait for each other, and enough of them
+    # exhaust the machine's memory before the first step. On a CPU, Lightning takes only a count (-1, "all", is
+    # a GPU's).
+    if (count is not None and count > have) or (not gpu and devices != "auto" and not (count and count > 0)):
+        kind = f"{'GPU' if gpu else 'CPU core'}{'s' * (have != 1)}"
         raise ValueError(
-            f"{named('trainer.devices')}: this machine has {have} {'GPU' if gpu else 'CPU core'}{'s' * (have != 1)} "
-            f"for this process; give at most {have}"
+            f"{named('trainer.devices')}: this machine has {have} {kind} for this process; give 1 to {have}"
         )
     if trainer.max_steps is not None and trainer.max_steps < -1:
         raise ValueError(f"{named('trainer.max_steps')}: give -1 (no limit) or a step count")

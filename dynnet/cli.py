@@ -99,9 +99,9 @@ FIT_EPILOG = """the flags people use most:
   --trainer.precision 64-true    train in float64
   --trainer.devices N            N processes training as one (with --trainer.accelerator gpu, N GPUs)
   --ckpt_path last               resume the newest run (--run NAME: that run)"""
-# Trainer options whose Lightning text would mislead: what they mean in dynnet, or that dynnet refuses them.
+# Options whose Lightning text would mislead: what they mean in dynnet, or that dynnet refuses them.
 REFUSED = "Refused by dynnet: "
-TRAINER_HELP = {
+OPTION_HELP = {
     "trainer.max_steps": "Stop after this many optimizer steps; -1 for no limit (default: 30000, the tutorial's).",
     "trainer.limit_train_batches": REFUSED + "a train batch holds many optimizer steps; shorten training with "
     "--trainer.max_steps or --data.steps_per_epoch.",
@@ -110,6 +110,13 @@ TRAINER_HELP = {
     "with --optimizer.lr.",
     "trainer.gradient_clip_val": "Clip the gradient before every optimizer step to this norm (or value, with "
     "--trainer.gradient_clip_algorithm value); dynnet gives it to DynamicNet, which clips its own steps.",
+    "trainer.val_check_interval": "Validate every this many optimizer steps (an int), or this fraction of an epoch "
+    "(a float); a time between validations is refused by dynnet (batches hold many steps). Default: once an epoch.",
+    "trainer.strategy": "Lightning's strategy: auto, or ddp for several processes (ddp_spawn is refused by dynnet: "
+    "use ddp).",
+    "ckpt_path": "The checkpoint to start from: last (the newest run's last.ckpt, or --run NAME's), best (its best "
+    "checkpoint) or a file. hpc and registry are refused by dynnet.",
+    "weights_only": "Checkpoints are always read weights-only, never running code: false is refused by dynnet.",
 }
 
 
@@ -197,8 +204,6 @@ class DynnetCLI(LightningCLI):
         for key, title in titles.items():
             if key in parser.groups:
                 parser.groups[key].title = title
-        for action in parser_actions(parser):  # Lightning's own text describes its defaults and batches, not dynnet's
-            action.help = TRAINER_HELP.get(action.dest, action.help)
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
@@ -206,6 +211,9 @@ class DynnetCLI(LightningCLI):
         # mid-sentence; dynnet's own sentences instead.
         for choice in subcommand_choices(self):
             choice.help = SUBCOMMANDS[choice.dest]
+        for subcommand in SUBCOMMANDS:  # Lightning's own text describes its defaults and batches, not dynnet's
+            for action in parser_actions(subcommand_parser(self, subcommand)):
+                action.help = OPTION_HELP.get(action.dest, action.help)
 
     def configure_optimizers(
         self, lightning_module: LightningModule, optimizer: Optimizer, lr_scheduler: Any = None

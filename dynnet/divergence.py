@@ -26,7 +26,7 @@ def _advice(module: LightningModule, step: int, first: int, x: Tensor, y: Tensor
     """What to change: the learning rate only when an update can have caused the blow-up."""
     optimizer = module.optimizers().optimizer
     group = optimizer.param_groups[0]
-    lr = group["lr"]
+    lr = group.get("initial_lr", group["lr"])  # the lr the user gave, which a schedule starts from
     model = module.model
     dtype = model.shared.dtype
     if lr == 0 or (step == 1 and first == 0):
@@ -35,6 +35,8 @@ def _advice(module: LightningModule, step: int, first: int, x: Tensor, y: Tensor
             f"overflows (its largest value is {torch.finfo(dtype).max:.3g}); train in float64 "
             "(--trainer.precision 64-true), or use a smaller --model.max_degree or a narrower interval"
         )
+    if not lr > 0:  # a crafted or mistyped state: no smaller step fixes an lr that is not positive
+        return f"the learning rate is {lr:g}: give a positive one (--optimizer.lr)"
     suggestion = lr / 10
     if isinstance(optimizer, torch.optim.SGD):
         # Gradient descent with heavy-ball momentum m is stable on this quadratic while lr * curvature stays

@@ -197,6 +197,14 @@ class DynamicNet(LightningModule):
     def on_train_start(self) -> None:
         if self.resumed_from is not None:
             apply_changed_optimizer_arguments(self, self.resumed_from.get("optimizer_args", {}))
+            # A checkpoint saved at an epoch's end has Lightning replay that end, where EarlyStopping reads the
+            # validation it saw, which a checkpoint does not keep: give callbacks the evaluation of the restored state,
+            # the same numbers that validation logged (float64, from the same points).
+            x, y = next(iter(self.trainer.datamodule.val_dataloader()))
+            restored = {f"val/{name}": value for name, value in self.evaluate(x, y).items()}
+            self.trainer.callback_metrics.update(
+                {k: v for k, v in restored.items() if k not in self.trainer.callback_metrics}
+            )
 
     # ----------------------------------------------------------------------------------------------- training
 
@@ -234,7 +242,11 @@ class DynamicNet(LightningModule):
                     evaluations.append(loss.detach())
                     return loss
 
-                optimizer.step(closure=closure)
+                try:
+                    optimizer.step(closure=closure)
+                except RuntimeError:  # an update too large for the dtype (an lr a schedule grew past it): a divergence
+                    check_finite(self, torch.stack([*losses, *evaluations]), first, x, y)
+                    raise
                 step += 1
                 losses.append(evaluations[0])  # the loss at the step's starting point, as the tutorial reports it
                 self.degree_counts[degree - model.min_degree] += 1
@@ -316,15 +328,19 @@ class DynamicNet(LightningModule):
         return {"expected_loss": loss, "optimality_gap": gap, "log10_gap": torch.log10(gap.clamp_min(1e-16))}
 
     def quality(self, data: SineData | None = None) -> str:
-        """How good the fit is, in one line: the expected loss on the data's points (SineData()'s, the tutorial's,
-        by default), its closed-form minimum, and how far above it the fit is; a plain word when that is far.
-        ``dynnet fit``, ``validate`` and ``test`` print it after their results."""
+        """How good the fit is, in one line: the expected loss on the data's points, its closed-form minimum, and
+        how far above it the fit is; a plain word when that is far. The data: the given SineData, else the one the
+        module's Trainer fitted or evaluated it on, else SineData()'s (the tutorial's). ``dynnet fit``,
+        ``validate`` and ``test`` print it after their results."""
+        trainer = attached_trainer(self)
         if data is None:
-            data = SineData()
+            fitted = trainer.datamodule if trainer is not None else None
+            data = fitted if isinstance(fitted, SineData) else SineData()
         if not hasattr(data, "x"):  # not set up by a Trainer: the points as a fit makes them
             data.setup("validate")
-        loss = float(self.evaluate(data.x.to(self.device), data.y.to(self.device))["expected_loss"])
-        best = float(self._evaluation[2])
+        expected = ExpectedLoss(data.x, data.y, self.model.min_degree, self.model.max_degree)
+        loss = float(expected(self.model.flat().detach().to(data.x.device)))
+        best = float(expected(expected.optimum()))
         ratio = loss / best
         if ratio <= POOR_FIT:
             return f"Expected loss: {loss:.5g}, {100 * max(ratio - 1, 0):.3g}% above its closed-form minimum {best:.5g}"
@@ -437,7 +453,8 @@ class DynamicNet(LightningModule):
             fitting = trainer.state.fn == TrainerFn.FITTING
             if fitting:  # the same refusals as `dynnet fit --ckpt_path`, for a Trainer of the user's own
                 data = trainer.datamodule.hparams if trainer.datamodule is not None else {}
-                now = {"seed_everything": self.seed, "trainer.precision": str(trainer.precision)}
+                # Not the seed: the degree draws continue from the checkpoint's generator, whatever this process's seed.
+                now = {"trainer.precision": str(trainer.precision)}
                 now |= {f"model.{k}": self.hparams[k] for k in ("min_degree", "max_degree")}
                 check_same_run(trainer.ckpt_path, checkpoint, now | {f"data.{k}": data.get(k) for k in DATA})
             check_restored_state(checkpoint, trainer)

@@ -60,10 +60,9 @@ def one_step_reason(trainer: Trainer, grid: tuple[int, ...], steps_per_batch: in
     if 1 not in grid or steps_per_batch == 1:
         return None
     if counts_batches(trainer):
-        return (
-            f"{', '.join(counts_batches(trainer))} counts train batches (dynnet.StepProgressBar, or no progress "
-            "bar, keeps batches of many steps)"
-        )
+        bars = any(isinstance(c, (TQDMProgressBar, RichProgressBar)) for c in trainer.callbacks)
+        fix = " (dynnet.StepProgressBar, or no progress bar, keeps batches of many steps)" if bars else ""
+        return f"{', '.join(counts_batches(trainer))} counts train batches{fix}"
     if trainer.fast_dev_run:
         return "fast_dev_run counts train batches"
     if len(grid) > 1:

@@ -113,3 +113,6 @@ def test_help_speaks_of_dynnet(capsys):
     assert text.rstrip().endswith(FIT_EPILOG)  # the flags people use, where the help ends
     for flag in ("limit_train_batches", "overfit_batches", "accumulate_grad_batches"):
         assert re.search(rf"^  --trainer\.{flag} {flag.upper()}\n +Refused by dynnet: ", text, re.M), flag
+    for option in ("trainer.val_check_interval", "trainer.strategy", "ckpt_path", "weights_only"):
+        described = text.split(f"\n  --{option} ")[1].split("\n  --")[0]
+        assert "refused by dynnet" in " ".join(described.split()), option

@@ -166,6 +166,17 @@ def test_divergence_suggests_a_learning_rate_that_trains(tmp_path, capsys):
     assert losses[-1] < losses[0] / 2
 
 
+def test_a_schedule_that_overflows_the_update_is_a_divergence(tmp_path, capsys):
+    # An lr tripling every step outgrows float32 within 100 steps, in the middle of a batch of 500.
+    error = fit_error(tmp_path, capsys, "-c", DEFAULT, "--trainer.max_steps", "3000", "--lr_scheduler",
+                      "torch.optim.lr_scheduler.ExponentialLR", "--lr_scheduler.gamma", "3")  # fmt: skip
+    assert re.fullmatch(
+        r"training diverged at step \d+: the loss became (inf|nan); try a smaller learning rate, "
+        r"e\.g\. --optimizer\.lr 1e-09",
+        error,
+    ), error  # fmt: skip (the lr given, not the schedule's)
+
+
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path, capsys):
     # The learning rate grows 5% a step from the tutorial's 1e-8 until the run blows up, around step 200.
     error = fit_error(tmp_path, capsys, "-c", DEFAULT, *TINY, "--trainer.max_steps", "1000",

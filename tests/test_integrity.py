@@ -570,6 +570,10 @@ RESUMES = {
         "sgd", [], set_group("lr", "0.01"),
         f"its {GROUP}['lr'] is '0.01', where this configuration has a number",
     ),
+    "negative-lr": (  # trained uphill, then blamed the learning rate's size
+        "sgd", [], set_group("lr", -1e-8),
+        f"its {GROUP}['lr'] is -1e-08, below 0",
+    ),
     "integer-lr-past-float": (
         "sgd", [], set_group("lr", 2**2000),
         f"its {GROUP}['lr'] is {reprlib.repr(2**2000)}, not a finite number",

@@ -323,7 +323,8 @@ def test_logger_off_writes_no_events(tmp_path):
             ["--lr_scheduler", "ReduceLROnPlateau", "--lr_scheduler.eps", "1e-16", "--lr_scheduler.monitor", "val/los"],
             "ReduceLROnPlateau monitors 'val/los', which validation does not log",
         ),
-        (["--trainer.devices", str(len(os.sched_getaffinity(0)) + 1)], "give at most"),
+        (["--trainer.devices", str(len(os.sched_getaffinity(0)) + 1)], "CPU cores for this process; give 1 to"),
+        (["--trainer.devices", "-1"], "CPU cores for this process; give 1 to"),  # Lightning's "all" is a GPU's
     ],
     ids=[
         "limit_train_batches",
@@ -339,6 +340,7 @@ def test_logger_off_writes_no_events(tmp_path):
         "ddp_spawn",
         "plateau-monitor-typo",
         "more-devices-than-cores",
+        "all-devices-on-a-cpu",
     ],
 )
 def test_refused_with_one_line(tmp_path, capsys, flags, refused):

@@ -174,6 +174,14 @@ def test_settings_that_force_one_step_batches_say_so(tmp_path, capsys):
         in capsys.readouterr().out  # fmt: skip
 
 
+def test_quality_speaks_of_the_data_it_was_fitted_on_or_given(tmp_path):
+    trainer, module = train(tmp_path, max_steps=100)
+    fitted = module.quality()
+    assert fitted == module.quality(trainer.datamodule) and fitted.startswith("Expected loss: ")
+    narrow = module.quality(SineData(low=-1, high=1))
+    assert narrow != fitted and module.quality() == fitted  # each asks anew, whatever was asked before
+
+
 class Linear(L.LightningModule):
     """Any module, under automatic optimization: SineData serves it (x, y) once per optimizer step."""
 

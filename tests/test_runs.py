@@ -296,6 +296,23 @@ def test_a_signal_stops_at_a_step_saves_it_and_resumes_exactly(tmp_path, uninter
 # ------------------------------------------------------------------------------------------------ resuming, changed
 
 
+def test_runs_with_early_stopping_resume_where_an_uninterrupted_run_goes(tmp_path, capsys):
+    stop = '{"class_path": "EarlyStopping", "init_args": {"monitor": "val/expected_loss", "min_delta": 1e9}}'
+    stopped = fit(tmp_path / "stopped", f"--trainer.callbacks+={stop}", "--trainer.max_steps", "1000")
+    assert stopped.trainer.global_step == 400  # no validation improves by 1e9: the fourth (patience 3) stops
+    again = fit(tmp_path / "stopped", f"--trainer.callbacks+={stop}", "--trainer.max_steps", "1000", "--ckpt_path",
+                "last")  # fmt: skip
+    assert again.trainer.global_step == 400  # its restored state stops it where it stopped, at the epoch's end
+    # Ended by max_steps at an epoch's end, where Lightning replays the epoch end that EarlyStopping checks.
+    patient = '{"class_path": "EarlyStopping", "init_args": {"monitor": "val/expected_loss", "patience": 50}}'
+    fit(tmp_path / "resumed", f"--trainer.callbacks+={patient}", "--trainer.max_steps", "300")
+    resumed = fit(tmp_path / "resumed", f"--trainer.callbacks+={patient}", "--trainer.max_steps", "600",
+                  "--ckpt_path", "last")  # fmt: skip
+    straight = fit(tmp_path / "straight", f"--trainer.callbacks+={patient}", "--trainer.max_steps", "600")
+    assert resumed.model.model.formula() == straight.model.model.formula()
+    assert f"Resumed from {last(tmp_path / 'resumed')} at step 300" in capsys.readouterr().out
+
+
 def test_a_changed_learning_rate_applies_from_the_resumed_step(tmp_path, capsys):
     fit(tmp_path)
     capsys.readouterr()
