@@ -69,8 +69,9 @@ def check_resumable(path: Path, checkpoint: dict, config) -> None:
             "raise max_steps to continue the run"
         )
     scheduler = config.get("lr_scheduler")
+    seed = config.seed_everything  # true or false chooses no seed: nothing to compare
     now = {
-        "seed_everything": config.seed_everything if isinstance(config.seed_everything, int) else None,
+        "seed_everything": seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
         "trainer.precision": precision_name(config.trainer.precision, config.trainer.accelerator),
         "optimizer": class_path(import_class(config.optimizer.class_path)),
         "lr_scheduler": class_path(import_class(scheduler.class_path)) if scheduler else None,
