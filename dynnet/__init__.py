@@ -11,7 +11,7 @@ _HOMES = {
     "DynamicNet": "dynnet.module",
     "DynamicPolynomial": "dynnet.model",
     "SineData": "dynnet.data",
-    "StepProgressBar": "dynnet.callbacks",
+    "StepProgressBar": "dynnet.progress",
 }
 
 

@@ -1,3 +1,3 @@
-from dynnet.command import main
+from dynnet.cli import main
 
 main()

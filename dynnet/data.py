@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 
-from dynnet.lightning_internals import set_max_steps
+from dynnet.lightning_internals import set_max_steps, set_validation_batches
 from dynnet.steps import batch_grid, check_resumed_batches, one_step_reason, validation_steps
 
 # The dtype each true-precision setting trains in; every other setting keeps float32 parameters and data.
@@ -156,7 +156,7 @@ class SineData(LightningDataModule):
             # Lightning counts an int val_check_interval in train batches and refuses a fraction of an epoch for
             # a loader without a length.
             self._given["val_check_interval"] = trainer.val_check_interval
-            trainer.val_check_interval = self.validation_interval // self.grid[0]
+            set_validation_batches(trainer, self.validation_interval // self.grid[0])
         epochs, max_steps = trainer.max_epochs, trainer.max_steps
         if epochs is not None and epochs >= 0 and (max_steps < 0 or epochs * self.steps_per_epoch < max_steps):
             # Lightning estimates a loader without a length to train max_steps; max_epochs ends this fit first.
@@ -172,7 +172,7 @@ class SineData(LightningDataModule):
 
     def _restore_trainer(self) -> None:
         if "val_check_interval" in self._given:
-            self.trainer.val_check_interval = self._given["val_check_interval"]
+            set_validation_batches(self.trainer, self._given["val_check_interval"])
         if "max_steps" in self._given:
             set_max_steps(self.trainer, self._given["max_steps"])
         self._given = {}

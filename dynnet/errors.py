@@ -1,7 +1,6 @@
-"""How dynnet stops: the errors its commands report as one line, and the stop a signal asks for."""
+"""The errors dynnet's commands report as one line."""
 
-import signal
-
+import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -12,17 +11,6 @@ MAX_LINE = 400
 
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss or parameter."""
-
-
-class Interrupted(Exception):
-    """A stop signal (SIGTERM, SIGINT, SIGHUP) stopped the command: training at a step boundary, or the command
-    before training started (``step`` None)."""
-
-    def __init__(self, signum: int, step: int | None) -> None:
-        self.signum, self.step = signum, step
-        self.saved_run: str | None = None  # the run folder whose last.ckpt now holds this step, once saved
-        where = f"at step {step}" if step is not None else "before training started"
-        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
 
 
 # Errors that a user's input, files or a run's numbers cause: shown as one line unless DYNNET_DEBUG is set.
@@ -37,3 +25,12 @@ def one_line(err: BaseException) -> str:
     else:
         text = " ".join(str(err).split())
     return text if len(text) <= MAX_LINE else f"{text[: MAX_LINE - 30]} ... ({len(text)} characters in all)"
+
+
+def lost_peer(err: RuntimeError) -> bool:
+    """Whether err is a distributed run's failure to reach another process: torch's distributed errors, and gloo's
+    and NCCL's, which torch raises as plain RuntimeErrors naming their library."""
+    distributed = torch.distributed.is_available()
+    return distributed and (
+        isinstance(err, torch.distributed.DistError) or any(s in str(err) for s in ("gloo", "NCCL"))
+    )

@@ -64,6 +64,12 @@ def set_max_steps(trainer: Trainer, max_steps: int) -> None:
     trainer.fit_loop.epoch_loop.max_steps = max_steps
 
 
+def set_validation_batches(trainer: Trainer, interval: int | float) -> None:
+    """Set the validation interval Lightning counts in train batches: the fit loop reads
+    ``trainer.val_check_interval`` when it sets up the train data, after the datamodule's setup."""
+    trainer.val_check_interval = interval
+
+
 def attached_trainer(module) -> Trainer | None:
     """The Trainer a LightningModule is attached to, or None (``module.trainer`` raises when there is none)."""
     return module._trainer

@@ -11,6 +11,9 @@ MAX_MIN_DEGREE = len(string.ascii_lowercase) - 2
 # x**p for p up to max_degree is computed at every step; beyond 100 every dtype overflows for |x| > 1.2 or
 # underflows below, so a larger degree is a mistake (or a crafted checkpoint), never a model.
 MAX_DEGREE = 100
+# The tutorial's optimizer for this model, in LightningCLI's form: what DynamicNet trains with unless something
+# configures another, and what `dynnet fit` and dynnet-sweep use when a config names none.
+TUTORIAL_OPTIMIZER = {"class_path": "torch.optim.SGD", "init_args": {"lr": 1e-8, "momentum": 0.9}}
 
 
 class DynamicPolynomial(nn.Module):

@@ -13,12 +13,10 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
-from dynnet.checkpoint import load_checkpoint
-from dynnet.checkpoint_state import check_restored_state, check_training_state
-from dynnet.data import SineData, training_dtype
+from dynnet.data import SineData
 from dynnet.distributed import agreed_stop, sum_gradients
 from dynnet.divergence import check_finite
-from dynnet.errors import Interrupted
+from dynnet.fit_checks import check_optimization, check_start, is_plateau, plateau_monitor
 from dynnet.lightning_internals import (
     HOOK_NAME,
     attached_trainer,
@@ -27,14 +25,13 @@ from dynnet.lightning_internals import (
     log_metrics,
     set_rank,
 )
-from dynnet.limits import check_memory, check_numbers, prediction_bytes, training_bytes
-from dynnet.model import DynamicPolynomial, ExpectedLoss, polynomial
-from dynnet.resume import DATA, apply_changed_optimizer_arguments, check_same_run, class_path, run_settings
-from dynnet.steps import VALIDATION_METRICS, refuse_unsupported, validation_steps
-from dynnet.yaml_files import load_yaml
+from dynnet.model import TUTORIAL_OPTIMIZER, DynamicPolynomial, ExpectedLoss, polynomial
+from dynnet.runs.checkpoint import load_checkpoint
+from dynnet.runs.checkpoint_state import check_restored_state, check_training_state
+from dynnet.runs.resume import DATA, apply_changed_optimizer_arguments, check_same_run, class_path, run_settings
+from dynnet.runs.yaml_files import load_yaml
+from dynnet.signals import Stopped
 
-# The tutorial's optimizer, which a DynamicNet trains with unless something else configures one.
-TUTORIAL_LR, TUTORIAL_MOMENTUM = 1e-8, 0.9
 # An expected loss this many times its minimum is a poor fit: the tutorial's run ends 1.2% above it, and an
 # optimizer at a learning rate that has not converged ends hundreds of times above.
 POOR_FIT = 10
@@ -87,7 +84,7 @@ class DynamicNet(LightningModule):
         self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm
         # A small batch to show the model's shapes and to export it: to_onnx() and to_torchscript(method="trace").
         self.example_input_array = torch.linspace(-math.pi, math.pi, 8)
-        # A signal number, set by a signal handler: training stops at the next step boundary and raises Interrupted.
+        # A signal number, set by a signal handler: training stops at the next step boundary and raises Stopped.
         self.stop_signal: int | None = None
         # How often each degree has been drawn; saved in checkpoints with the generator.
         self.degree_counts = [0] * (max_degree - min_degree + 1)
@@ -120,7 +117,7 @@ class DynamicNet(LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """The tutorial's optimizer: SGD with lr 1e-8 and momentum 0.9. `dynnet fit` replaces it with its config's
         optimizer and lr_scheduler; in Python, override this method to train with another."""
-        return torch.optim.SGD(self.parameters(), lr=TUTORIAL_LR, momentum=TUTORIAL_MOMENTUM)
+        return torch.optim.SGD(self.parameters(), **TUTORIAL_OPTIMIZER["init_args"])
 
     def configure_callbacks(self) -> list:
         # The first hook of every fit (and validate, test, predict), called before Lightning checks its own
@@ -129,26 +126,7 @@ class DynamicNet(LightningModule):
         # and replaceable.
         trainer = self.trainer
         set_rank(trainer)  # the Trainer's rank, whatever rank variables a shell holds
-        data = trainer.datamodule
-        if trainer.state.fn in (TrainerFn.FITTING, TrainerFn.PREDICTING) and not isinstance(data, SineData):
-            raise ValueError("DynamicNet trains and predicts on SineData's batches: pass datamodule=SineData(...)")
-        dtype = training_dtype(trainer.precision)
-        model = self.model
-        coefficients = model.min_degree + 2
-        if isinstance(data, SineData) and data.n_points < coefficients:
-            raise ValueError(
-                f"data.n_points is {data.n_points}, fewer than the model's {coefficients} coefficients: the expected "
-                "loss then has no single optimum to measure the fit against; use more points"
-            )
-        if trainer.state.fn == TrainerFn.FITTING:
-            refuse_unsupported(trainer)
-            validation_steps(trainer, data.steps_per_epoch)  # refuses an interval that cannot be
-            check_numbers(data.n_points, data.low, data.high, model.max_degree, model.min_degree, dtype)
-            need = training_bytes(data.n_points, model.max_degree, dtype, trainer.world_size)
-            check_memory(f"training {data.n_points} points in {dtype}", need, trainer.strategy.root_device)
-        elif trainer.state.fn == TrainerFn.PREDICTING:
-            need = prediction_bytes(data.n_points, model.min_degree, model.max_degree, dtype)
-            check_memory(f"predicting {data.n_points} points", need, trainer.strategy.root_device)
+        check_start(self, trainer)
         return []
 
     def setup(self, stage: str) -> None:
@@ -177,22 +155,7 @@ class DynamicNet(LightningModule):
             now["lr_scheduler"] = class_path(type(schedulers[0].scheduler)) if schedulers else None
             check_same_run(trainer.ckpt_path, resumed, now)
             check_training_state(resumed, trainer, run_settings(trainer, self.seed))
-        if len(trainer.optimizers) != 1:
-            raise ValueError(
-                f"configure_optimizers gave {len(trainer.optimizers)} optimizers; DynamicNet trains its coefficients "
-                "with one (give it parameter groups for different settings)"
-            )
-        for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if _plateau(config):
-                for group in scheduler.optimizer.param_groups:
-                    check_plateau(group["lr"], scheduler.factor, scheduler.eps, _monitor(config))
-            total = getattr(scheduler, "total_steps", None)  # OneCycleLR's: it refuses to step past it
-            if total is not None and config.interval == "step" and total < trainer.max_steps:
-                raise ValueError(
-                    f"{type(scheduler).__name__}(total_steps={total}) cannot step {trainer.max_steps} times; "
-                    f"give it total_steps={trainer.max_steps} (max_steps)"
-                )
+        check_optimization(trainer)
 
     def on_train_start(self) -> None:
         if self.resumed_from is not None:
@@ -213,7 +176,7 @@ class DynamicNet(LightningModule):
         if first != self.global_step:
             raise RuntimeError(f"the train item starts at step {first}, but training is at step {self.global_step}")
         optimizer = self.optimizers()
-        step_schedulers = [c for c in self.trainer.lr_scheduler_configs if c.interval == "step" and not _plateau(c)]
+        step_schedulers = [c for c in self.trainer.lr_scheduler_configs if c.interval == "step" and not is_plateau(c)]
         distributed = self.trainer.world_size > 1
         # Looked up once per item: the loop below is the whole training cost and runs thousands of times.
         model = self.model
@@ -273,7 +236,7 @@ class DynamicNet(LightningModule):
             self.stop_signal = stop
             if len(losses) < steps:
                 # Mid-item: Lightning has not finished this batch, so a resumed run fetches its rest again.
-                raise Interrupted(stop, step)
+                raise Stopped(stop, step)
             # The item is done: Lightning finishes it (and an epoch's end, validation) as an uninterrupted run
             # would, and the next batch stops before its first step.
 
@@ -283,7 +246,7 @@ class DynamicNet(LightningModule):
             flag = torch.tensor(float(stop or 0), device=self.device)
             stop = agreed_stop(stop, self.trainer.strategy.reduce(flag, reduce_op="sum"))
         if stop is not None:
-            raise Interrupted(stop, self.global_step)
+            raise Stopped(stop, self.global_step)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Where automatic optimization clips: after the on_before_optimizer_step hooks, with gradients unscaled.
@@ -294,7 +257,7 @@ class DynamicNet(LightningModule):
         if self.global_step % self.trainer.datamodule.steps_per_epoch:
             return  # an epoch cut short by max_steps: Lightning steps epoch schedulers only after whole epochs
         for config in self.trainer.lr_scheduler_configs:
-            if config.interval == "epoch" and not _plateau(config):
+            if config.interval == "epoch" and not is_plateau(config):
                 if (self.current_epoch + 1) % config.frequency == 0:
                     self.lr_scheduler_step(config.scheduler, None)
 
@@ -353,8 +316,8 @@ class DynamicNet(LightningModule):
         metrics = self._log_evaluation(batch, "val")
         if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
             for config in self.trainer.lr_scheduler_configs:
-                if _plateau(config):  # its monitor was checked when the fit started
-                    self.lr_scheduler_step(config.scheduler, metrics[_monitor(config)])
+                if is_plateau(config):  # its monitor was checked when the fit started
+                    self.lr_scheduler_step(config.scheduler, metrics[plateau_monitor(config)])
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._log_evaluation(batch, "test")
@@ -465,23 +428,6 @@ class DynamicNet(LightningModule):
         self.resumed_from = checkpoint["run_settings"]
 
 
-def check_plateau(lr: float, factor: float, eps: float, monitor: str) -> None:
-    """Refuse a ReduceLROnPlateau that monitors what validation does not log, or that could never lower the lr:
-    torch skips a reduction smaller than its eps (1e-8 by default), and at the tutorial's lr of 1e-8 every
-    reduction is smaller."""
-    if monitor not in VALIDATION_METRICS:
-        raise ValueError(
-            f"ReduceLROnPlateau monitors {monitor!r}, which validation does not log; use one of "
-            f"{', '.join(VALIDATION_METRICS)}"
-        )
-    if 0 < lr * (1 - factor) <= eps:
-        raise ValueError(
-            f"ReduceLROnPlateau skips reductions smaller than its eps ({eps:g}), and at lr {lr:g} with factor "
-            f"{factor:g} every reduction is: give it eps={lr * 1e-8:g} (--lr_scheduler.eps {lr * 1e-8:g}), the lr "
-            "times torch's default 1e-8"
-        )
-
-
 def _keep_scheduler_monitors(module: LightningModule) -> None:
     """Have the module's configure_optimizers keep a scheduler dict's ``monitor``, which Lightning drops under
     manual optimization with a warning that the scheduler must be stepped by hand: DynamicNet steps every
@@ -506,13 +452,3 @@ def _keep_scheduler_monitors(module: LightningModule) -> None:
 
     configure_optimizers.keeps_monitors = True
     module.configure_optimizers = configure_optimizers
-
-
-def _monitor(config) -> str:
-    """What a ReduceLROnPlateau steps on. Lightning drops a scheduler's monitor under manual optimization;
-    LightningCLI's ReduceLROnPlateau keeps its own, torch's monitors the expected loss."""
-    return getattr(config.scheduler, "monitor", "val/expected_loss")
-
-
-def _plateau(config) -> bool:
-    return isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)

@@ -12,20 +12,15 @@ import math
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import (
-    BatchSizeFinder,
     DeviceStatsMonitor,
-    EarlyStopping,
-    GradientAccumulationScheduler,
-    LearningRateFinder,
     LearningRateMonitor,
     ModelCheckpoint,
-    ModelPruning,
     RichProgressBar,
     ThroughputMonitor,
     TQDMProgressBar,
 )
 
-from dynnet.lightning_internals import checkpoint_saves_by_time, checkpoint_steps, validation_time
+from dynnet.lightning_internals import checkpoint_steps, validation_time
 
 # Callbacks that count Lightning's train batches (a progress bar's position, a monitor's logging interval, a
 # throughput): with one of them every batch is a single optimizer step, so that they count optimizer steps.
@@ -116,51 +111,3 @@ def check_resumed_batches(trained: list[int] | None, grid: tuple[int, ...], vali
             f"{trained[0] if trained and len(trained) == 1 else 'cut otherwise'}): val_check_interval "
             "counts train batches; keep the run's steps_per_batch, log_every_n_steps and checkpoint intervals"
         )
-
-
-def refuse_unsupported(trainer: Trainer) -> None:
-    """Refuse, in one line, Trainer settings and callbacks that cannot mean in dynnet what they mean in Lightning."""
-    if trainer.limit_train_batches not in (None, 1, 1.0) and not trainer.fast_dev_run:  # its own limit: N steps
-        raise ValueError(
-            "limit_train_batches counts train batches, which hold many optimizer steps in dynnet: shorten "
-            "training with max_steps (--trainer.max_steps) or SineData(steps_per_epoch) (--data.steps_per_epoch)"
-        )
-    if trainer.overfit_batches not in (None, 0, 0.0):
-        raise ValueError("overfit_batches does not apply: every dynnet step trains on all the points")
-    if trainer.accumulate_grad_batches != 1:
-        raise ValueError(
-            "accumulate_grad_batches is not supported: every dynnet step already uses all the points; change the "
-            "step size with the optimizer's lr (--optimizer.lr)"
-        )
-    if trainer.gradient_clip_val:
-        raise ValueError(
-            "Trainer(gradient_clip_val=...) clips only under Lightning's automatic optimization: give it to the "
-            "module, DynamicNet(gradient_clip_val=..., gradient_clip_algorithm=...), which clips every step"
-        )
-    for callback in trainer.callbacks:
-        name = type(callback).__name__
-        if isinstance(callback, (LearningRateFinder, BatchSizeFinder)):
-            raise ValueError(
-                f"{name} needs Lightning's automatic optimization, which dynnet's step loop does not use: search "
-                "learning rates with dynnet-sweep"
-            )
-        if isinstance(callback, GradientAccumulationScheduler):
-            raise ValueError(
-                "GradientAccumulationScheduler is not supported: every dynnet step already uses all the points; "
-                "change the step size with the optimizer's lr or a learning-rate schedule"
-            )
-        if isinstance(callback, ModelPruning):
-            raise ValueError(
-                "ModelPruning prunes the weights of layers such as nn.Linear; DynamicPolynomial has only its scalar "
-                "coefficients, so there is nothing to prune: drop ModelPruning"
-            )
-        monitor = getattr(callback, "monitor", None)
-        if isinstance(callback, (EarlyStopping, ModelCheckpoint)) and monitor not in (None, *MONITORABLE):
-            raise ValueError(
-                f"{name} monitors {monitor!r}, which dynnet does not log; use one of {', '.join(MONITORABLE)}"
-            )
-        if isinstance(callback, ModelCheckpoint) and checkpoint_saves_by_time(callback):
-            raise ValueError(
-                "ModelCheckpoint(train_time_interval=...) never fires under manual optimization in this Lightning; "
-                "use every_n_train_steps"
-            )

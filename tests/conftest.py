@@ -101,10 +101,10 @@ def fit(tmp_path, capsys):
     return run
 
 
-def error_of(args: list[str], capsys) -> str:
-    """The one-line error `dynnet` exits with for args."""
+def error_of(args: list[str], capsys, command=main) -> str:
+    """The one-line error `dynnet` (or ``command``) exits with for args."""
     with pytest.raises(SystemExit) as exit_info:
-        main(args)
+        command(args)
     assert exit_info.value.code not in (0, None)
     message = exit_info.value.code if isinstance(exit_info.value.code, str) else capsys.readouterr().err
     return message.strip()

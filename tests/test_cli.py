@@ -6,9 +6,10 @@ import torch
 import yaml
 from conftest import DEFAULT, FAST, ROOT, TINY, error_of, last, plain_loop, result, run_dir
 
-from dynnet.checkpoint import load_checkpoint
-from dynnet.cli import FIT_EPILOG, SUBCOMMANDS, main
+from dynnet.cli import main
+from dynnet.cli.help import FIT_EPILOG, SUBCOMMANDS
 from dynnet.module import DynamicNet
+from dynnet.runs.checkpoint import load_checkpoint
 
 
 def test_short_fit_learns_and_writes_its_run(fit, tmp_path):

@@ -13,8 +13,8 @@ import torch
 from conftest import DEFAULT, ROOT, TINY, error_of, last, run_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dynnet.checkpoint import load_checkpoint
 from dynnet.cli import main
+from dynnet.runs.checkpoint import load_checkpoint
 
 # The refusal of a GPU, which only a machine without one gives.
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a GPU on a machine without one")

@@ -12,10 +12,11 @@ import pytest
 import torch
 from conftest import DEFAULT, TINY, dynnet, error_of, last, run_dir, stop_line
 
-from dynnet import command as entry_point
-from dynnet.checkpoint import load_checkpoint
+from dynnet import signals
 from dynnet.cli import main
-from dynnet.yaml_files import MAX_VALUES
+from dynnet.cli.command import run
+from dynnet.runs.checkpoint import load_checkpoint
+from dynnet.runs.yaml_files import MAX_VALUES
 
 # Long enough to be stopped, killed or locked while it trains: epochs of 100 steps, never finished.
 ENDLESS = ["-c", DEFAULT, *TINY, "--trainer.max_steps", "1000000"]
@@ -132,25 +133,31 @@ def test_a_stop_that_library_code_swallows_still_ends_the_command(monkeypatch, c
         except BaseException:
             pass
 
-    monkeypatch.setattr("dynnet.cli.main", swallowing)
-    monkeypatch.setattr(entry_point, "received", None)  # put back after the test: the stop it records stays
+    monkeypatch.setattr("dynnet.cli.command.run", swallowing)
+    monkeypatch.setattr(signals, "_received", None)  # put back after the test: the stop it records stays
     with pytest.raises(SystemExit) as stop:
-        entry_point.main([])
+        main([])
     assert stop.value.code == 143
     assert capsys.readouterr().err.strip() == "stopped by SIGTERM before training started"
 
 
+def swallowed_stop_error(args: list[str], monkeypatch, capsys) -> str:
+    """The error of the command after a SIGTERM before training that the code it interrupted swallowed."""
+    monkeypatch.setattr(signals, "_received", signal.SIGTERM)
+    return error_of(args, capsys, command=run)
+
+
 def test_a_swallowed_stop_stops_training_before_its_first_step(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(entry_point, "received", signal.SIGTERM)
-    error = error_of(["fit", "-c", DEFAULT, *TINY, "--trainer.default_root_dir", str(tmp_path)], capsys)
+    error = swallowed_stop_error(
+        ["fit", "-c", DEFAULT, *TINY, "--trainer.default_root_dir", str(tmp_path)], monkeypatch, capsys
+    )
     assert stop_line(error, "stopped by SIGTERM at step 0")[-4:] == ["--ckpt_path", "last", "--run", "version_0"]
     assert load_checkpoint(last(tmp_path, "version_0"))["global_step"] == 0
 
 
 def test_a_stop_with_checkpointing_off_promises_no_resume(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(entry_point, "received", signal.SIGTERM)
     args = ["fit", "-c", DEFAULT, *TINY, "--trainer.enable_checkpointing", "false"]
-    error = error_of([*args, "--trainer.default_root_dir", str(tmp_path)], capsys)
+    error = swallowed_stop_error([*args, "--trainer.default_root_dir", str(tmp_path)], monkeypatch, capsys)
     assert error.splitlines()[-1] == "stopped by SIGTERM at step 0; nothing was saved (checkpointing is off), so " \
         "there is no checkpoint to resume from"  # fmt: skip
     assert not last(tmp_path).exists()

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from conftest import TINY, error_of, last
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-from dynnet.checkpoint import CheckpointError, load_checkpoint, write_atomically
-from dynnet.checkpoint_state import check_training_state
 from dynnet.cli import main
+from dynnet.cli.predictions import check_output_path, export_main
 from dynnet.module import DynamicNet
-from dynnet.predictions import check_output_path, export_main
+from dynnet.runs.checkpoint import CheckpointError, load_checkpoint
+from dynnet.runs.checkpoint_state import check_training_state
+from dynnet.runs.files import write_atomically
 
 RESUME = [*TINY, "--trainer.max_steps", "400"]  # the trained run's settings, with steps left to train
 # An Adam run with a schedule, for what only such a run holds: Adam's per-parameter step, a scheduler's state.
@@ -182,7 +183,7 @@ def test_dynnet_export_refuses_a_flipped_bit_as_a_process(run_copy, tmp_path):
     flip_in_tensor(run_copy)
     output = tmp_path / "polynomial.json"
     done = subprocess.run(
-        [sys.executable, "-c", "from dynnet.predictions import export_main; export_main()", str(run_copy), "-o",
+        [sys.executable, "-c", "from dynnet.cli.predictions import export_main; export_main()", str(run_copy), "-o",
          str(output)],
         capture_output=True, text=True,
     )  # fmt: skip

@@ -14,9 +14,9 @@ from conftest import ROOT, error_of, last, run_dir
 from lightning.pytorch import Callback, seed_everything
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dynnet.checkpoint import load_checkpoint
-from dynnet.cli import DynnetCLI
+from dynnet.cli.command import DynnetCLI
 from dynnet.module import DynamicNet
+from dynnet.runs.checkpoint import load_checkpoint
 
 SMALL = [
     "-c", str(ROOT / "configs" / "default.yaml"), "--seed_everything", "3", "--trainer.max_steps", "200",

@@ -14,7 +14,7 @@ from lightning.pytorch.trainer.connectors.logger_connector.logger_connector impo
 
 from dynnet import DynamicNet, SineData
 from dynnet import lightning_internals as internals
-from dynnet.cli import DynnetCLI
+from dynnet.cli.command import DynnetCLI
 
 
 class Seen(L.Callback):
@@ -62,6 +62,16 @@ def test_set_max_steps_is_what_the_trainer_stops_at():
     trainer = L.Trainer(max_steps=300, logger=False)
     internals.set_max_steps(trainer, 100)
     assert trainer.max_steps == 100, "mend dynnet.lightning_internals.set_max_steps: fit_loop.epoch_loop.max_steps"
+
+
+def test_set_validation_batches_is_what_the_fit_loop_counts():
+    class Batches(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.counted = trainer.val_check_batch
+
+    seen = Batches()
+    fit(max_steps=100, val_check_interval=20, callbacks=[seen])  # SineData: 2 batches of 10 steps
+    assert seen.counted == 2, "mend dynnet.lightning_internals.set_validation_batches: Trainer.val_check_interval"
 
 
 @pytest.mark.parametrize("interval", ["00:00:00:02", timedelta(seconds=2), {"seconds": 2}])

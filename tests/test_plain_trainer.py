@@ -24,8 +24,8 @@ from lightning.pytorch.callbacks import (
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dynnet import DynamicNet, SineData, StepProgressBar
-from dynnet.checkpoint import load_checkpoint
-from dynnet.cli import DynnetCLI
+from dynnet.cli.command import DynnetCLI
+from dynnet.runs.checkpoint import load_checkpoint
 
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import DEFAULT, TINY, dynnet, error_of, last, result
 
-from dynnet.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
 from dynnet.module import DynamicNet
+from dynnet.runs.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
 
 # 1500 steps in epochs of 100: fifteen checkpoints to be killed between.
 RESUMABLE = [

@@ -18,10 +18,11 @@ import torch
 from conftest import DEFAULT, TINY, dynnet, error_of, last, result, run_dir, stop_line
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dynnet.checkpoint import MAX_CHECKPOINT_BYTES, load_checkpoint
-from dynnet.cli import DynnetCLI, main
+from dynnet.cli import main
+from dynnet.cli.command import DynnetCLI
+from dynnet.cli.predictions import export_main
 from dynnet.module import DynamicNet
-from dynnet.predictions import export_main
+from dynnet.runs.checkpoint import MAX_CHECKPOINT_BYTES, load_checkpoint
 
 
 def fit(root: Path, *args: str) -> DynnetCLI:
@@ -179,7 +180,7 @@ def test_a_refused_writer_changes_nothing(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from dynnet.run import RunLock; "
+            "import sys, time; from pathlib import Path; from dynnet.runs.folder import RunLock; "
             "RunLock(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()",
             str(run),
         ],
@@ -450,7 +451,7 @@ def test_a_deflated_checkpoint_is_refused_before_it_is_unpacked(tmp_path):
     bomb = deflated_bomb(tmp_path / "bomb.ckpt")
     code = (
         "import resource, sys\n"
-        "from dynnet.checkpoint import load_checkpoint\n"
+        "from dynnet.runs.checkpoint import load_checkpoint\n"
         "try:\n    load_checkpoint(sys.argv[1])\nexcept ValueError as err:\n    print(err)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
     )

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, free_port, plain_loop, result, stop_line
 
-from dynnet.checkpoint import load_checkpoint
+from dynnet.runs.checkpoint import load_checkpoint
 
 # The default config, shortened to 2000 steps (one epoch), as the README's scale-out commands run it.
 FIT = [

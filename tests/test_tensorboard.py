@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, TINY, free_port, last, result
 
 from dynnet.cli import main
-from dynnet.predictions import export_main
+from dynnet.cli.predictions import export_main
 
 COEFFICIENTS = [f"weights/{name}" for name in "abcde"]
 

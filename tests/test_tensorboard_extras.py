@@ -20,11 +20,11 @@ from tensorboard.plugins.custom_scalar import metadata as layout_metadata
 from tensorboard.plugins.hparams import api_pb2
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from dynnet.cli import DynnetCLI
-from dynnet.errors import Interrupted
-from dynnet.fit_picture import WIDTH, FitPicture, round_scale
-from dynnet.hparams import experiment_summary, session_start_summary
-from dynnet.tensorboard import LINKED_METRICS, LOG10_LOSS
+from dynnet.cli.command import DynnetCLI
+from dynnet.signals import Stopped
+from dynnet.tensorboard.extras import LINKED_METRICS, LOG10_LOSS
+from dynnet.tensorboard.fit_picture import WIDTH, FitPicture, round_scale
+from dynnet.tensorboard.hparams import experiment_summary, session_start_summary
 
 WITH_DEFAULT = ["-c", str(ROOT / "configs" / "default.yaml")]
 COEFFICIENTS = [f"weights/{name}" for name in "abcde"]
@@ -201,7 +201,7 @@ def test_the_picture_is_as_wide_as_the_images_tab_shows_it():
 
 
 class StopAt(Callback):
-    """Stops training at ``step`` as SIGTERM does: the module raises Interrupted once the batch is done."""
+    """Stops training at ``step`` as SIGTERM does: the module raises Stopped once the batch is done."""
 
     def __init__(self, step: int) -> None:
         self.step = step
@@ -213,7 +213,7 @@ class StopAt(Callback):
 
 def test_interrupted_fit_gets_a_picture_at_the_step_it_stopped(tmp_path):
     args = ["fit", *WITH_DEFAULT, *TINY, "--trainer.default_root_dir", str(tmp_path)]
-    with ExitStack() as cleanup, pytest.raises(Interrupted):
+    with ExitStack() as cleanup, pytest.raises(Stopped):
         DynnetCLI(args=args, cleanup=cleanup, callbacks=[StopAt(150)])
     assert image_steps(events(tmp_path)) == [100, 150]
 

@@ -2,7 +2,6 @@
 
 import argparse
 import contextlib
-import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -10,9 +9,10 @@ from typing import NoReturn
 import optuna
 from sqlalchemy.engine import make_url
 
-from dynnet.run import runs_dir
+from dynnet.runs.folder import runs_dir
+from dynnet.signals import Stopped, raising_stopped
 from dynnet.sweep.config import DEFAULT_TRIALS, Sweep, load_sweep
-from dynnet.sweep.errors import PROG, Stopped, SweepError, check_replaceable, printable, raise_stopped
+from dynnet.sweep.errors import PROG, SweepError, check_replaceable, printable
 from dynnet.sweep.fit import check_fit
 from dynnet.sweep.hparams import EXPERIMENT_FILE, write_experiment
 from dynnet.sweep.report import outputs, report
@@ -80,17 +80,12 @@ def parser() -> argparse.ArgumentParser:
 def main(args: list[str] | None = None) -> None:
     flags = parser().parse_args(args)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created": the sweep's first line says so
-    # SIGTERM and Ctrl-C stop the sweep the same way, with their own exit status; put back after, for a caller
-    # that runs the command in-process.
-    previous = {signum: signal.signal(signum, raise_stopped) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        _sweep(flags)
+        with raising_stopped():  # SIGTERM and Ctrl-C stop the sweep the same way, with their own exit status
+            _sweep(flags)
     except Stopped as stop:
         print(f"{PROG}: {stop}; run the same command again to continue the study", file=sys.stderr, flush=True)
         sys.exit(128 + stop.signum)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def _sweep(flags: argparse.Namespace) -> None:

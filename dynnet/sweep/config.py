@@ -12,11 +12,12 @@ import optuna
 import torch
 
 from dynnet.errors import one_line
-from dynnet.limits import available_memory
+from dynnet.fit_checks import available_memory
+from dynnet.model import TUTORIAL_OPTIMIZER
+from dynnet.runs.yaml_files import load_yaml
 from dynnet.sweep.errors import SweepError
 from dynnet.sweep.space import OPTIMIZER, SEED, flag_value, grid, parse_space
 from dynnet.sweep.storage import check_url, experimental_ok
-from dynnet.yaml_files import load_yaml
 
 # What a trial can be judged by: the validation metrics dynnet logs (DynamicNet.evaluate), all losses.
 OBJECTIVES = ("val/expected_loss", "val/optimality_gap", "val/log10_gap")
@@ -38,8 +39,6 @@ DEFAULT_HEARTBEAT_INTERVAL = 5
 DEFAULT_GRACE_PERIOD = 20
 # Where a sweep writes when neither --root nor the config names a place: runs/ is ignored by git.
 DEFAULT_ROOT_PARENT = Path("runs")
-# dynnet's optimizer when a fit config names none (the tutorial's).
-TUTORIAL_OPTIMIZER = "torch.optim.SGD"
 # A worker's peak resident memory, measured in sweeps of configs/sweep.yaml with one and two workers on Linux (torch
 # 2.13.0 CPU build, Lightning 2.6): 465 MB at most, nearly all of it torch and Lightning. Budgeted with a
 # third more for other builds, platforms and larger fits.
@@ -201,7 +200,7 @@ def _fit_optimizer(fit_config: Path, fit_args: Any) -> str:
         spec = None  # the fit config's own problem: checking the fit (check_fit) names it
     if isinstance(spec, dict):
         spec = spec.get("class_path")
-    return spec if isinstance(spec, str) else TUTORIAL_OPTIMIZER
+    return spec if isinstance(spec, str) else TUTORIAL_OPTIMIZER["class_path"]
 
 
 def _class_spec(key: str, raw: Any, default: dict[str, Any], space: dict[str, Any], trials: int) -> dict[str, Any]:

@@ -11,12 +11,13 @@ from typing import Any
 
 from lightning.pytorch import Callback
 
-from dynnet.arguments import dotted
-from dynnet.cli import DynnetCLI
+from dynnet.cli.arguments import dotted
+from dynnet.cli.command import DynnetCLI
 from dynnet.errors import USER_ERRORS, one_line
+from dynnet.signals import Stopped
 from dynnet.sweep.config import Sweep
-from dynnet.sweep.errors import Stopped, SweepError
-from dynnet.sweep.space import OPTIMIZER, SEED, describe, ends, fit_flags
+from dynnet.sweep.errors import SweepError
+from dynnet.sweep.space import OPTIMIZER, SEED, brief, ends, fit_flags
 
 # The run a check names, in a scratch root removed after it.
 PROBE_RUN = "trial_check"
@@ -111,7 +112,7 @@ def _check(sweep: Sweep, root: Path, point: dict[str, Any]) -> dict[str, Any]:
     except SweepError:
         raise
     except USER_ERRORS as err:
-        raise SweepError(f"the trials' fit ({describe(point)}): {one_line(err)}") from None
+        raise SweepError(f"the trials' fit ({brief(point)}): {one_line(err)}") from None
     return cli.parsed
 
 

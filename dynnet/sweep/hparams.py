@@ -1,8 +1,8 @@
 """TensorBoard's HPARAMS tab on a sweep's root: one row per trial, whose columns are the settings the space names
 and whose metrics are the objective and the other validation metrics.
 
-TensorBoard draws the tab from one experiment summary for its whole logdir (see dynnet.hparams), and takes an
-arbitrary one where several runs carry one. So the sweep writes it once, as the root's own events file (the run
+TensorBoard draws the tab from one experiment summary for its whole logdir (see dynnet.tensorboard.hparams), and
+takes an arbitrary one where several runs carry one. So the sweep writes it once, as the root's own events file (the run
 TensorBoard calls "."), its trials write none, and each trial writes its row: its values, which TensorBoard
 matches to the columns by name. A running TensorBoard keeps the first experiment it has read and never rereads a
 rewritten one: the summary is complete from the start, its columns and their values taken from the space (which
@@ -20,11 +20,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.summary.writer.record_writer import RecordWriter
 
-from dynnet.hparams import Value, experiment_summary, run_settings, session_start_summary
-from dynnet.run import runs_dir
+from dynnet.runs.folder import runs_dir
 from dynnet.sweep.config import OBJECTIVES, Sweep
 from dynnet.sweep.errors import write_file
 from dynnet.sweep.space import OPTIMIZER, SEED, Choice, Float, Int, short_name
+from dynnet.tensorboard.hparams import Value, experiment_summary, hparams_row, session_start_summary
 
 # The root's events file. A fixed name, replaced whole: every command on the study writes the same bytes there.
 EXPERIMENT_FILE = "events.out.tfevents.0.dynnet-sweep"
@@ -46,7 +46,7 @@ class Column:
 
 
 def column_name(parameter: str) -> str:
-    """A space's parameter under the name dynnet's own HPARAMS entry gives the setting (dynnet.hparams)."""
+    """A space's parameter under the name dynnet's own HPARAMS entry gives the setting (dynnet.tensorboard.hparams)."""
     if parameter == SEED:
         return "seed_everything"
     return OPTIMIZER if parameter == OPTIMIZER else f"optimizer.{parameter}"
@@ -107,7 +107,7 @@ def written(column: Column, value: Any) -> Value:
 
 
 def trial_row(run: dict[str, Value], settings: dict[str, Any], space: dict[str, Any]) -> dict[str, Value]:
-    """A trial's HPARAMS values: its run's settings (run_settings), its swept settings as the root's columns
+    """A trial's HPARAMS values: its run's settings (hparams_row), its swept settings as the root's columns
     show them (an optimizer by its class name, integers as text)."""
     row: dict[str, Any] = dict(run)
     for parameter, value in settings.items():
@@ -158,7 +158,7 @@ class TrialHparams(Callback):
             return
         writers = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
         if writers:
-            row = trial_row(run_settings(trainer, pl_module), self.settings, self.space)
+            row = trial_row(hparams_row(trainer, pl_module), self.settings, self.space)
             start = session_start_summary(row)
             for writer in writers:
                 writer.file_writer.add_summary(start, 0)

@@ -12,14 +12,14 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dynnet.console import dynnet_command
-from dynnet.run import RUNS, runs_dir
+from dynnet.cli.console import dynnet_command
+from dynnet.runs.folder import RUNS, runs_dir
 from dynnet.sweep.config import Sweep
 from dynnet.sweep.errors import SweepError, printable, shown, write_file
 from dynnet.sweep.fit import run_name
 from dynnet.sweep.hparams import EXPERIMENT_FILE, write_experiment
 from dynnet.sweep.picture import plot
-from dynnet.sweep.space import describe, settings_of
+from dynnet.sweep.space import brief, settings_of
 from dynnet.sweep.study import counts, fail_lost_trials
 
 # Where the rerun command puts its run, under the sweep's root: beside the trials, not among them.
@@ -133,7 +133,7 @@ def report(study: optuna.Study, sweep: Sweep) -> bool:
         run, host = where(best, sweep.study)
         elsewhere = host != socket.gethostname()  # the trial ran on another machine, where its run folder is
         shown_run = f"{host}:{run}" if elsewhere else run
-        settings = describe(settings_of(best.params))
+        settings = brief(settings_of(best.params))
         print(printable(f"Best trial {best.number}: {settings}, {sweep.objective} {best.value:.6g}, run {shown_run}"))
         print(printable(f"Result: {best.user_attrs.get('result', '?')}"))
         print(f"Rerun{f' on {host}' if elsewhere else ''}: {rerun_command(run)}")

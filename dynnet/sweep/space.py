@@ -8,7 +8,7 @@ from typing import Any
 
 import optuna
 
-from dynnet.checks import import_class
+from dynnet.cli.arguments import import_class
 from dynnet.sweep.errors import SweepError
 
 # Names a search space may use besides the optimizer's own arguments.
@@ -268,7 +268,7 @@ def settings_of(params: dict[str, Any]) -> dict[str, Any]:
     return {name.rpartition(".")[2]: value for name, value in params.items()}
 
 
-def describe(settings: dict[str, Any]) -> str:
+def brief(settings: dict[str, Any]) -> str:
     """``optimizer=Adam lr=0.0123 seed=4``: short and readable, for the lines a sweep prints."""
     shown = []
     for name, value in settings.items():

@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dynnet.run import runs_dir
+from dynnet.runs.folder import runs_dir
 from dynnet.sweep.config import Sweep
 from dynnet.sweep.errors import SweepError, shown
 from dynnet.sweep.space import plain

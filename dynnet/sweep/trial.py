@@ -18,14 +18,15 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from optuna.exceptions import UpdateFinishedTrialError
 
-from dynnet.cli import DynnetCLI
-from dynnet.errors import USER_ERRORS, Interrupted, one_line
-from dynnet.run import runs_dir
+from dynnet.cli.command import DynnetCLI
+from dynnet.errors import USER_ERRORS, one_line
+from dynnet.runs.folder import runs_dir
+from dynnet.signals import SWEEP_SIGNALS, Stopped
 from dynnet.sweep.config import Sweep
-from dynnet.sweep.errors import Stopped, SweepError, write_file
+from dynnet.sweep.errors import SweepError, write_file
 from dynnet.sweep.fit import base_args, run_name
 from dynnet.sweep.hparams import TrialHparams
-from dynnet.sweep.space import describe, fit_flags, suggest
+from dynnet.sweep.space import brief, fit_flags, suggest
 from dynnet.sweep.study import process_space
 
 
@@ -110,7 +111,7 @@ class Objective:
             )
             raise Discarded from None
         steps, seconds = outcome.attrs["steps"], outcome.attrs["seconds"]
-        print(f"trial {trial.number} {outcome.line} ({describe(settings)}; {steps} steps, {seconds:.1f} s)", flush=True)
+        print(f"trial {trial.number} {outcome.line} ({brief(settings)}; {steps} steps, {seconds:.1f} s)", flush=True)
         self.stop = outcome.stop
         if outcome.pruned is not None:
             raise outcome.pruned
@@ -127,7 +128,7 @@ def fit_trial(trial: optuna.Trial, sweep: Sweep, settings: dict[str, Any]) -> Ou
     output = io.StringIO()
     # A fit stops at a step boundary on SIGTERM and SIGINT; its handlers stay behind when it ends: put back the
     # worker's, which stop it between fits.
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {signum: signal.getsignal(signum) for signum in SWEEP_SIGNALS}
     stop = None
     start = time.perf_counter()
     try:
@@ -150,7 +151,9 @@ def fit_trial(trial: optuna.Trial, sweep: Sweep, settings: dict[str, Any]) -> Ou
         reported = watch.trainer.callback_metrics.get(sweep.objective) if watch.trainer is not None else None
         line = f"pruned at step {_steps(watch)}" + (f": {sweep.objective} {float(reported):.6g}" if reported else "")
         outcome = Outcome(line, {}, pruned=pruned)
-    except (Interrupted, SIGTERMException) as interrupted:
+    except (Stopped, SIGTERMException) as interrupted:
+        if isinstance(interrupted, Stopped) and interrupted.step is None:
+            raise  # the worker's own stop, before the fit took over the signals: the objective reports it
         # Stopped from outside (Ctrl-C, SIGTERM, the sweep's end): the trial did not fail on its own, so it gets
         # no reason and does not count; the worker stops.
         stop = getattr(interrupted, "signum", signal.SIGTERM)

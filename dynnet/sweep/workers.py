@@ -13,8 +13,9 @@ import time
 
 import optuna
 
+from dynnet.signals import SWEEP_SIGNALS, Stopped, raise_stopped
 from dynnet.sweep.config import Sweep, cores, make
-from dynnet.sweep.errors import PROG, Stopped, SweepError, raise_stopped
+from dynnet.sweep.errors import PROG, SweepError
 from dynnet.sweep.storage import open_storage, storage_errors
 from dynnet.sweep.study import tally
 from dynnet.sweep.trial import Discarded, Objective, TrialFailed
@@ -29,7 +30,7 @@ STOP_SECONDS = 70
 
 def work(sweep: Sweep, index: int) -> None:
     """A worker process: runs trials one at a time until the study holds sweep.trials finished trials."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in SWEEP_SIGNALS:
         signal.signal(signum, raise_stopped)
     _stop_with_parent(index)
     # Each worker's lines are the sweep's; Optuna's own (a trial finished, failed with a traceback) would repeat them.
@@ -109,7 +110,7 @@ def run_workers(sweep: Sweep) -> list[str]:
 def _stop(workers: list[multiprocessing.Process], signum: int) -> None:
     """Stop the workers at their fits' next step boundaries, and wait until they have told their trials."""
     # A second Ctrl-C must not cut the wait short and leave workers running; the caller restores the handlers.
-    for each in (signal.SIGTERM, signal.SIGINT):
+    for each in SWEEP_SIGNALS:
         signal.signal(each, signal.SIG_IGN)
     for worker in workers:
         if worker.is_alive():

@@ -1,15 +1,14 @@
 """What a checkpoint records of how its run trains, and what a resumed fit may change: numbers apply from the
-resumed step; anything else that cannot take effect mid-run is refused (`dynnet fit` checks before it starts)."""
+resumed step; anything else that cannot take effect mid-run is refused. DynamicNet checks from its Trainer, and the
+`dynnet fit` command from its config before it starts (dynnet.cli.checkpoints), with the same lines."""
 
 import numbers
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 
-from dynnet.checkpoint import load_checkpoint
-from dynnet.checks import import_class, last_step, precision_name
+from dynnet.runs.checkpoint import load_checkpoint
 
 
 def run_settings(trainer: Trainer, seed: int | None) -> dict:
@@ -58,42 +57,6 @@ def apply_changed_optimizer_arguments(module: LightningModule, trained: dict) ->
             print(f"Resumed with optimizer {name}={new} (the run had {old})", flush=True)
 
 
-def check_resumable(path: Path, checkpoint: dict, config) -> None:
-    """Refuse, in one line, a resume whose settings differ from the run's where the difference cannot apply:
-    `dynnet fit --ckpt_path`'s check, from its config, before it enters the run."""
-    step = checkpoint["global_step"]
-    max_steps = last_step(config)
-    if 0 <= max_steps <= step:
-        raise ValueError(
-            f"checkpoint {path} is at step {step}, and --trainer.max_steps is {max_steps}: nothing to train; "
-            "raise max_steps to continue the run"
-        )
-    scheduler = config.get("lr_scheduler")
-    seed = config.seed_everything  # true or false chooses no seed: nothing to compare
-    now = {
-        "seed_everything": seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
-        "trainer.precision": precision_name(config.trainer.precision, config.trainer.accelerator),
-        "optimizer": class_path(import_class(config.optimizer.class_path)),
-        "lr_scheduler": class_path(import_class(scheduler.class_path)) if scheduler else None,
-        "lr_interval": config.lr_interval if scheduler else None,
-    } | {f"data.{name}": config.data[name] for name in DATA}
-    check_same_run(path, checkpoint, now)
-    trained_args = checkpoint["run_settings"].get("optimizer_args", {})
-    for name, value in vars(config.optimizer.get("init_args") or Namespace()).items():
-        old = trained_args.get(name, value)
-        if value is None:  # the class's default, which the optimizer resolved (LBFGS's max_eval) as the run's did
-            continue
-        if old != value and not (is_number(old) and is_number(value)):  # numbers apply from the resumed step
-            _refuse(path, f"optimizer.{name}", value, old)
-    if scheduler is not None:
-        run_state = checkpoint.get("callbacks", {}).get("Run")  # the run's callback keeps the schedule's arguments
-        trained_args = run_state.get("lr_scheduler_args") if isinstance(run_state, dict) else None
-        trained_args = trained_args if isinstance(trained_args, dict) else {}
-        for name, value in vars(scheduler.get("init_args") or Namespace()).items():
-            if name not in ("last_epoch", "verbose") and trained_args.get(name, value) != value:
-                _refuse(path, f"lr_scheduler.{name}", value, trained_args[name])
-
-
 # The data settings a run is trained on, which a resume keeps: the points, and the steps an epoch holds.
 DATA = ("n_points", "low", "high", "steps_per_epoch")
 
@@ -116,10 +79,11 @@ def check_same_run(path: Path | str | None, checkpoint: dict, now: dict[str, Any
         old = trained.get(name)
         known = name == "lr_scheduler" or (old is not None and value is not None)  # no scheduler is a setting
         if known and old != value:
-            _refuse(path, name, value, old)
+            refuse_change(path, name, value, old)
 
 
-def _refuse(path, name: str, new: Any, old: Any) -> None:
+def refuse_change(path, name: str, new: Any, old: Any) -> None:
+    """Refuse a resume that changes a setting the run cannot take mid-run."""
     raise ValueError(
         f"cannot resume from {path} with a changed {name}: it is {new}, the run was trained with {old}; "
         "resume with the run's value, or start a new run (without ckpt_path)"

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dynnet.checkpoint import CheckpointError
+from dynnet.runs.checkpoint import CheckpointError
 
 _LOOPS = ("fit_loop", "validate_loop", "test_loop", "predict_loop")  # what Lightning saves under "loops"
 
@@ -30,7 +30,7 @@ def check_restored_state(checkpoint: dict, trainer) -> None:
 def check_training_state(checkpoint: dict, trainer, settings: dict) -> None:
     """Refuse, in one line naming the field, a checkpoint whose optimizer, scheduler or run settings are not shaped as
     what this fit's own would save: called once they exist (the fit's start), before Lightning restores them.
-    ``settings`` is what this fit records of how it trains (``dynnet.resume.run_settings``)."""
+    ``settings`` is what this fit records of how it trains (``dynnet.runs.resume.run_settings``)."""
     problem = _training_problem(checkpoint, trainer, settings)
     if problem:
         raise CheckpointError(f"checkpoint {trainer.ckpt_path} was refused: {problem}")

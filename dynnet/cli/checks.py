@@ -1,8 +1,7 @@
 """What the `dynnet` command refuses before it builds anything: flags that cannot work on this machine or with
 the CLI's optimizer, and callbacks that would fight the run folder it keeps. What any fit refuses, however it is
-started, is in dynnet.steps and dynnet.limits; changes a resumed run cannot take, in dynnet.resume."""
+started, is in dynnet.steps and dynnet.fit_checks; changes a resumed run cannot take, in dynnet.runs.resume."""
 
-import importlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +10,25 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+
+from dynnet.fit_checks import check_plateau
+
+
+def check_config(config, subcommand: str, named: Callable[[str], str]) -> None:
+    """Refuse, before anything is built, what the command's config asks for and cannot work. ``named(key)`` says
+    where a setting came from: its flag, or the config file that set it."""
+    check_trainer_flags(config.trainer, named)
+    check_optimizer(config.optimizer, named)
+    schedule = config.get("lr_scheduler")
+    if schedule is not None and schedule.class_path.endswith("ReduceLROnPlateau"):
+        # DynamicNet refuses it when the fit starts; here, before the command creates a run folder for it.
+        plateau = schedule.init_args
+        monitor = plateau.get("monitor", "val/expected_loss")  # torch's own class monitors the expected loss
+        check_plateau(config.optimizer.init_args.lr, plateau.get("factor", 0.1), plateau.get("eps", 1e-8), monitor)
+    if config.get("weights_only") is False:
+        raise ValueError("--weights_only false: dynnet reads checkpoints weights-only, and never runs code from them")
+    if config.trainer.fast_dev_run and config.ckpt_path and subcommand == "fit":
+        raise ValueError("--trainer.fast_dev_run checks a fresh run in a few steps; drop --ckpt_path")
 
 
 def check_trainer_flags(trainer, named: Callable[[str], str]) -> None:
@@ -71,19 +89,6 @@ def refuse_run_callbacks(callbacks: list[Callback]) -> None:
             )
 
 
-def last_step(config) -> int:
-    """The step the run stops at, so that Lightning's estimated_stepping_batches counts optimizer steps."""
-    trainer = config.trainer
-    max_steps = trainer.max_steps if trainer.max_steps is not None else -1
-    max_epochs = trainer.max_epochs
-    if max_epochs is None and max_steps == -1 and trainer.max_time is None:
-        max_epochs = 1000  # Lightning's default when nothing bounds a fit
-    if max_epochs is not None and max_epochs >= 0:
-        by_epochs = max_epochs * config.data.steps_per_epoch
-        max_steps = by_epochs if max_steps == -1 else min(max_steps, by_epochs)
-    return max_steps
-
-
 def precision_name(value: Any, accelerator: Any = "cpu") -> str:
     """Lightning's precision setting in its canonical form, as trainer.precision reports it."""
     value = "32-true" if value is None else str(value)
@@ -94,8 +99,3 @@ def precision_name(value: Any, accelerator: Any = "cpu") -> str:
 def uses_gpu(accelerator: Any) -> bool:
     """Whether Lightning's accelerator setting trains on a GPU here."""
     return str(accelerator) in ("gpu", "cuda") or (str(accelerator) == "auto" and torch.cuda.is_available())
-
-
-def import_class(class_path: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)

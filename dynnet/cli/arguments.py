@@ -3,6 +3,7 @@ parser would misread, the optimizer a command means, and how a chosen class or a
 
 import contextlib
 import enum
+import importlib
 import inspect
 import json
 import re
@@ -14,13 +15,8 @@ import torch
 import yaml
 from jsonargparse import Namespace
 
-from dynnet.checks import import_class
-from dynnet.module import TUTORIAL_LR, TUTORIAL_MOMENTUM
-from dynnet.yaml_files import MAX_BYTES, MAX_VALUES, expanded_size, load_yaml
-
-# The tutorial's optimizer, used when a config names none.
-TUTORIAL_OPTIMIZER = {"class_path": "torch.optim.SGD", "init_args": {"lr": TUTORIAL_LR, "momentum": TUTORIAL_MOMENTUM}}
-
+from dynnet.model import TUTORIAL_OPTIMIZER
+from dynnet.runs.yaml_files import MAX_BYTES, MAX_VALUES, expanded_size, load_yaml
 
 # Flags whose value is a path that is not a config: every other flag given a file reads it as YAML.
 PATH_FLAGS = ("--ckpt_path", "--run", "--predictions.path", "--trainer.default_root_dir")
@@ -126,7 +122,7 @@ def class_defaults(class_path: str) -> dict[str, Any]:
     }
 
 
-def describe(obj: object) -> str:
+def as_call(obj: object) -> str:
     """``Class(arg=value, ...)``: an optimizer's or scheduler's lr and every argument it was given a value for
     other than its class's default."""
     parameters = inspect.signature(type(obj)).parameters.values()
@@ -137,6 +133,52 @@ def describe(obj: object) -> str:
         k: v for k, v in values.items() if k == "lr" or (k in names and defaults.get(k, inspect.Parameter.empty) != v)
     }
     return f"{type(obj).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+def settle_classes(config: Namespace, args: list[str]) -> None:
+    """The optimizer and schedule a command means: the tutorial's optimizer when nothing names one, and a class
+    chosen by flag from its own defaults. jsonargparse keeps a previous class's arguments when a flag names a new
+    class (`-c default.yaml --optimizer torch.optim.Adam` would train Adam at SGD's lr 1e-8)."""
+    if config.get("optimizer") is None:
+        config.optimizer = Namespace(class_path=TUTORIAL_OPTIMIZER["class_path"])
+        defaults = class_defaults(TUTORIAL_OPTIMIZER["class_path"])
+        config.optimizer.init_args = Namespace(defaults | TUTORIAL_OPTIMIZER["init_args"])
+    for key in ("optimizer", "lr_scheduler"):
+        explicit = arguments_after_class_flag(args, key)
+        if explicit is not None and config.get(key) is not None:
+            spec = config[key]
+            given = {k: v for k, v in vars(spec.get("init_args") or Namespace()).items() if k in explicit}
+            spec.init_args = Namespace(class_defaults(spec.class_path) | given)
+
+
+def clip_in_module(config: Namespace) -> None:
+    """Give the Trainer's gradient clipping to DynamicNet, which clips in its step loop: Lightning's Trainer clips
+    only under automatic optimization."""
+    trainer = config.trainer
+    if trainer.gradient_clip_val is not None:
+        config.model.gradient_clip_val = trainer.gradient_clip_val
+        config.model.gradient_clip_algorithm = trainer.gradient_clip_algorithm or "norm"
+        trainer.gradient_clip_val = trainer.gradient_clip_algorithm = None
+
+
+def named(key: str, config: Namespace, args: list[str], files: dict[str, Any]) -> str:
+    """A setting as the user gave it: ``--key value``, or ``key: value (in FILE)`` when one of the config files
+    set it and no flag did."""
+    value = config
+    for part in key.split("."):
+        if isinstance(value, Namespace) and part not in value and "init_args" in value:
+            value = value.init_args  # a class's argument
+        value = value.get(part) if isinstance(value, Namespace) else None
+    value = getattr(value, "class_path", value)  # a class given as a Namespace: its name
+    if not any(t == f"--{key}" or t.startswith(f"--{key}=") for t in args):
+        for path, content in reversed(files.items()):
+            node = content
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+                node = node.get("init_args", node) if isinstance(node, dict) and "class_path" in node else node
+            if node is not None:
+                return f"{key}: {value} (in {path})"
+    return f"--{key} {value}"
 
 
 def writable(value: Any) -> Any:
@@ -168,3 +210,9 @@ def dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def as_list(value: Any) -> list:
     """A Trainer argument that takes one object or a list of them, as a list."""
     return list(value) if isinstance(value, list) else [] if value is None else [value]
+
+
+def import_class(class_path: str) -> type:
+    """The class a config names by its dotted path."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)

@@ -1,5 +1,5 @@
-"""Checkpoints that are whole, unchanged and what dynnet writes, read without running code or unbounded memory;
-outputs that are written whole and replace only regular files."""
+"""Checkpoints that are whole, unchanged and what dynnet writes, read without running code or unbounded memory,
+and saved whole (through dynnet.runs.files) with finite parameters."""
 
 import io
 import math
@@ -20,10 +20,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from packaging.version import InvalidVersion, Version
 
 from dynnet.model import MAX_DEGREE, MAX_MIN_DEGREE
+from dynnet.runs.files import write_atomically
 
-# mkstemp creates files readable by their owner only; outputs get the permissions any new file would.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 # A dynnet checkpoint is a few kilobytes: scalars, optimizer state and bookkeeping. A larger file is not one, and is
 # refused before torch reads it.
 MAX_CHECKPOINT_BYTES = 1 << 20
@@ -45,7 +43,7 @@ def load_checkpoint(
     """Read a dynnet checkpoint weights-only, after bounding its size and checking every record against the CRC-32
     written with it, and check what every reader uses: the model, its hyper-parameters, the degree generator and
     counts, the step and the run's settings. A resume checks the rest against its trainer
-    (``dynnet.checkpoint_state``).
+    (``dynnet.runs.checkpoint_state``).
 
     ``strict`` is load_state_dict's: when False, the state_dict may lack parameters or hold others, and only the
     model's parameters it holds are checked. Raises a one-line CheckpointError for anything that is not a whole,
@@ -262,60 +260,6 @@ def _degree_counts_problem(counts: Any, degrees: int) -> str | None:
     if sum(counts) >= 2**53:
         return "degree_counts add up to 2**53 draws or more"
     return None
-
-
-_KINDS = {
-    stat.S_IFLNK: "a symbolic link",
-    stat.S_IFDIR: "a directory",
-    stat.S_IFIFO: "a FIFO (named pipe)",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-}
-
-
-def file_kind(path: str | os.PathLike) -> str | None:
-    """What path is when it exists and is not a regular file ("a symbolic link", "a directory", ...), without
-    following a symbolic link; None for a regular file or nothing."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return None
-    return None if stat.S_ISREG(mode) else _KINDS.get(stat.S_IFMT(mode), "a special file")
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Write a file through a new, exclusively created temporary file beside it, synced and renamed into place.
-
-    A kill mid-write leaves the previous file whole and at most a hidden temporary file, which the next
-    writer of a run removes. The temporary name is unique per write and never follows a symlink (mkstemp
-    creates it with O_EXCL), so concurrent writers cannot tear or redirect each other's files. Only a regular
-    file is ever replaced: a symbolic link, device, FIFO or directory at path is refused and left as it was.
-    """
-    path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(descriptor, 0o666 & ~_UMASK)
-        with os.fdopen(descriptor, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        # Checked again right before the rename, which would replace whatever is at path (run as root, a
-        # /dev/null), whatever a caller checked before its work.
-        kind = file_kind(path)
-        if kind is not None:
-            raise ValueError(f"refusing to replace {path}: it is {kind}, not a regular file")
-        os.replace(temporary, path)
-    except BaseException as err:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename is None:  # name the file the user knows, not the temporary
-            raise OSError(err.errno, err.strerror, str(path)) from None
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

@@ -1,13 +1,11 @@
 """What a `dynnet` command prints: the Lightning lines and warnings it leaves out because dynnet says what a run
-did itself, and the failures it turns into one line."""
+did itself, and the command that reruns it."""
 
 import logging
 import os
 import sys
 import threading
 import warnings
-
-import torch
 
 # Lightning's informational lines (accelerator availability, advertising, "fit stopped", restore notices) would
 # interleave with the progress display; dynnet prints what a run did itself. Warnings still show.
@@ -24,7 +22,7 @@ def ignore_warnings(fit: bool) -> None:
     hold inside warning contexts such as pytest's too."""
     messages = [
         # main() passes LightningCLI the arguments after joining negative numbers to their flags (see
-        # dynnet.arguments.join_negative_numbers); LightningCLI warns when it gets a list while sys.argv has
+        # dynnet.cli.arguments.join_negative_numbers); LightningCLI warns when it gets a list while sys.argv has
         # arguments too.
         "LightningCLI's args parameter is intended to run from within Python",
         # Lightning's use of a deprecated torch API; nothing a dynnet user can act on.
@@ -52,15 +50,6 @@ def ignore_warnings(fit: bool) -> None:
 def quiet_write_errors(args: threading.ExceptHookArgs) -> None:
     if not issubclass(args.exc_type, OSError):
         threading.__excepthook__(args)
-
-
-def lost_peer(err: RuntimeError) -> bool:
-    """Whether err is a distributed run's failure to reach another process: torch's distributed errors, and gloo's
-    and NCCL's, which torch raises as plain RuntimeErrors naming their library."""
-    distributed = torch.distributed.is_available()
-    return distributed and (
-        isinstance(err, torch.distributed.DistError) or any(s in str(err) for s in ("gloo", "NCCL"))
-    )
 
 
 def dynnet_command(*args: str) -> list[str]:

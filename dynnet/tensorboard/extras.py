@@ -16,10 +16,16 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from dynnet.errors import Interrupted
-from dynnet.fit_picture import FitPicture
-from dynnet.hparams import experiment_summary, run_settings, session_end_summary, session_start_summary, ticked
 from dynnet.model import DynamicPolynomial
+from dynnet.signals import Stopped
+from dynnet.tensorboard.fit_picture import FitPicture
+from dynnet.tensorboard.hparams import (
+    experiment_summary,
+    hparams_row,
+    session_end_summary,
+    session_start_summary,
+    ticked,
+)
 
 # The metrics the HPARAMS tab shows beside the settings: TensorBoard reads their last logged values from the
 # run's own scalars, so they are final once the run has ended.
@@ -57,7 +63,7 @@ class TensorBoardExtras(Callback):
         writers = _writers(trainer)
         if not writers:
             return
-        settings = run_settings(trainer, pl_module)
+        settings = hparams_row(trainer, pl_module)
         columns = {name: [value] for name, value in settings.items()}
         # Only the metrics' names go in: TensorBoard reads their values from the run's scalars.
         experiment = experiment_summary(columns, ticked(settings), LINKED_METRICS)
@@ -86,7 +92,7 @@ class TensorBoardExtras(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # An interrupted run can be resumed from this step: show where it stands. Other errors leave no state
         # worth a picture (a diverged fit is not finite).
-        if isinstance(exception, Interrupted):
+        if isinstance(exception, Stopped):
             self._show_last_step(trainer, pl_module)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

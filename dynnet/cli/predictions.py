@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from dynnet.checkpoint import CheckpointError, file_kind, write_atomically
 from dynnet.errors import one_line
 from dynnet.module import DynamicNet
+from dynnet.runs.checkpoint import CheckpointError
+from dynnet.runs.files import file_kind, write_atomically
+from dynnet.runs.folder import run_of
 
 
 class PredictionCSV(Callback):
@@ -48,6 +50,15 @@ class PredictionCSV(Callback):
         write_atomically(path, lambda file: file.write(text.getvalue().encode()))
         self.rows = []
         print(f"Predictions: {path}", flush=True)
+
+
+def prediction_path(config) -> str:
+    """Where `dynnet predict` writes, checked before any work: --predictions.path, else predictions.csv in the
+    checkpoint's run (or default_root_dir)."""
+    run = run_of(Path(config.ckpt_path)) if config.ckpt_path else None
+    given = config.predictions.path or str((run or Path(config.trainer.default_root_dir)) / "predictions.csv")
+    check_output_path(given, inputs=[config.ckpt_path, *(str(c) for c in config.get("config") or [])])
+    return str(Path(given).expanduser())
 
 
 def check_output_path(path: str | os.PathLike, inputs: list[str | os.PathLike | None]) -> None:

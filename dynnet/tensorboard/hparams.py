@@ -18,7 +18,7 @@ from lightning.pytorch import LightningModule, Trainer
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
-from dynnet.resume import is_plain
+from dynnet.runs.resume import is_plain
 
 Value = bool | int | float | str
 
@@ -37,7 +37,7 @@ TICKED = 5  # TensorBoard's HPARAMS dashboard ticks this many setting columns by
 NOT_SCHEDULER_SETTINGS = ("optimizer", "last_epoch", "verbose")
 
 
-def run_settings(trainer: Trainer, pl_module: LightningModule) -> dict[str, Value]:
+def hparams_row(trainer: Trainer, pl_module: LightningModule) -> dict[str, Value]:
     """What the run trains with, under the names of the dynnet options that set it.
 
     Every number of the model, the data, the optimizer and the scheduler is listed, so that runs of one kind
