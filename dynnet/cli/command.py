@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +27,7 @@ from torch.optim import Optimizer
 from dynnet import signals
 from dynnet.cli import arguments, checks, help
 from dynnet.cli.checkpoints import resolve_checkpoint
-from dynnet.cli.console import dynnet_command, ignore_warnings, quiet_write_errors
+from dynnet.cli.console import dynnet_command, ignore_warnings, optimizer_line, quiet_write_errors
 from dynnet.cli.predictions import PredictionCSV, prediction_path
 from dynnet.cli.trainer import log_into_run, trainer_arguments
 from dynnet.data import SineData
@@ -113,10 +114,7 @@ class DynnetCLI(LightningCLI):
         trainer = lightning_module.trainer
         interval = self.config[self.subcommand].lr_interval
         if trainer.is_global_zero and trainer.state.fn == "fit":
-            schedule = f"{arguments.as_call(lr_scheduler)} every {interval}" if lr_scheduler is not None else "none"
-            if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                schedule = f"{arguments.as_call(lr_scheduler)} after every validation"
-            print(f"Optimizer: {arguments.as_call(optimizer)}; lr_scheduler: {schedule}", flush=True)
+            print(optimizer_line(optimizer, lr_scheduler, interval), flush=True)
         if lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": interval}}
@@ -142,7 +140,8 @@ class DynnetCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
-        checks.check_config(config, self.subcommand, self._named)
+        named = partial(arguments.named, config=config, args=self.args, files=self.config_files)
+        checks.check_config(config, self.subcommand, named)
         arguments.clip_in_module(config)
         if self.subcommand == "fit" and not config.trainer.fast_dev_run:
             resumed = self.resume or {}
@@ -153,9 +152,6 @@ class DynnetCLI(LightningCLI):
         ignore_warnings(fit=self.subcommand == "fit")
         if self.subcommand == "predict":
             config.predictions.path = prediction_path(config)
-
-    def _named(self, key: str) -> str:
-        return arguments.named(key, self.config[self.subcommand], self.args, self.config_files)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         subcommand = self.subcommand

@@ -7,6 +7,10 @@ import sys
 import threading
 import warnings
 
+import torch
+
+from dynnet.cli.arguments import as_call
+
 # Lightning's informational lines (accelerator availability, advertising, "fit stopped", restore notices) would
 # interleave with the progress display; dynnet prints what a run did itself. Warnings still show.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
@@ -50,6 +54,14 @@ def ignore_warnings(fit: bool) -> None:
 def quiet_write_errors(args: threading.ExceptHookArgs) -> None:
     if not issubclass(args.exc_type, OSError):
         threading.__excepthook__(args)
+
+
+def optimizer_line(optimizer, lr_scheduler, interval: str) -> str:
+    """The fit's line naming its optimizer and schedule, with every argument that is not its class's default."""
+    schedule = f"{as_call(lr_scheduler)} every {interval}" if lr_scheduler is not None else "none"
+    if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        schedule = f"{as_call(lr_scheduler)} after every validation"
+    return f"Optimizer: {as_call(optimizer)}; lr_scheduler: {schedule}"
 
 
 def dynnet_command(*args: str) -> list[str]:
