@@ -6,7 +6,7 @@ __all__ = ["DynamicNet", "DynamicPolynomial", "SineData", "StepProgressBar"]
 __version__ = "0.1.0"
 
 # Where each public class lives. They are imported on first use: the `dynnet` command starts from this package and
-# takes over the stop signals before the seconds that importing torch and Lightning take (see dynnet.command).
+# takes over the stop signals before the seconds that importing torch and Lightning take (see dynnet.signals).
 _HOMES = {
     "DynamicNet": "dynnet.module",
     "DynamicPolynomial": "dynnet.model",

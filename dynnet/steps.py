@@ -4,8 +4,8 @@ A dynnet train batch carries up to ``steps_per_batch`` optimizer steps (Lightnin
 than a step of this model). Lightning acts at batch ends, so a batch must end at every step where a setting acts:
 a logging step, a ModelCheckpoint's ``every_n_train_steps``, a validation, ``min_steps``, an epoch's end. These
 functions size the batches from the Trainer itself, so that a plain ``Trainer(...).fit(DynamicNet(), SineData())``
-gets the same optimizer steps as ``dynnet fit``, and refuse at the start of a fit, in one line, what cannot mean in
-dynnet what it means in Lightning.
+gets the same optimizer steps as ``dynnet fit``. What cannot mean in dynnet what it means in Lightning is refused
+by dynnet.fit_checks.
 """
 
 import math
