@@ -111,9 +111,10 @@ def class_path(cls: type) -> str:
 
 
 def is_number(value: Any) -> bool:
-    """A number, or a tuple or list of numbers (Adam's betas): an optimizer argument a resume can change."""
+    """A number, or a non-empty tuple or list of numbers (Adam's betas): an optimizer argument a resume can change,
+    and a setting TensorBoard's HPARAMS lists whatever its value."""
     return (isinstance(value, numbers.Real) and not isinstance(value, bool)) or (
-        isinstance(value, tuple | list) and all(is_number(v) for v in value)
+        isinstance(value, tuple | list) and bool(value) and all(is_number(v) for v in value)
     )
 
 

@@ -18,7 +18,7 @@ from lightning.pytorch import LightningModule, Trainer
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
-from dynnet.runs.resume import is_plain
+from dynnet.runs.resume import is_number, is_plain
 
 Value = bool | int | float | str
 
@@ -117,7 +117,7 @@ def _arguments(prefix: str, cls: type, values: Mapping[str, Any]) -> dict[str, A
     return {
         f"{prefix}.{name}": value
         for name, value in values.items()
-        if not name.startswith("_") and (_is_quantity(value) or name not in defaults or defaults[name] != value)
+        if not name.startswith("_") and (is_number(value) or name not in defaults or defaults[name] != value)
     }
 
 
@@ -131,13 +131,6 @@ def _defaults(cls: type) -> dict[str, Any]:
                 if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
                     defaults.setdefault(name, parameter.default)
     return defaults
-
-
-def _is_quantity(value: Any) -> bool:
-    """A number, or a tuple of them (Adam's betas)."""
-    if isinstance(value, tuple):
-        return bool(value) and all(_is_quantity(v) for v in value)
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _value(value: Any) -> Value:
