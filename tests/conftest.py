@@ -2,18 +2,26 @@ import csv
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import zipfile
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
+import lightning as L
 import optuna
 import pytest
+import torch
 import yaml
 from lightning.pytorch import Callback
 from optuna.trial import TrialState
 
+from dynnet import DynamicNet, SineData
 from dynnet.cli import main
+from dynnet.cli.command import DynnetCLI
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT, FAST = str(ROOT / "configs" / "default.yaml"), str(ROOT / "configs" / "fast.yaml")  # the shipped configs
@@ -36,6 +44,10 @@ TINY = [
     "--data.steps_per_batch",
     "50",
 ]
+# A user's own lightning.Trainer without a progress display or summary (fitted_trainer's default), and what it
+# takes besides for TINY's steps and logging.
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
+TINY_TRAINER = {"max_steps": 200, "log_every_n_steps": 20}
 
 
 def run_dir(root: Path, name: str = "version_0") -> Path:
@@ -90,8 +102,8 @@ def no_pytest_argv(monkeypatch):
 
 
 @pytest.fixture
-def fit(tmp_path, capsys):
-    """Run `dynnet fit` in-process into tmp_path; returns (stdout, stderr)."""
+def fit_output(tmp_path, capsys):
+    """`dynnet fit ARGS` run in this process into tmp_path (or root=): returns its (stdout, stderr)."""
 
     def run(*args: str, root: Path = tmp_path) -> tuple[str, str]:
         main(["fit", *args, "--trainer.default_root_dir", str(root)])
@@ -99,6 +111,88 @@ def fit(tmp_path, capsys):
         return captured.out, captured.err
 
     return run
+
+
+def fitted_cli(root: Path, *args: str, callbacks: list[Callback] | None = None) -> DynnetCLI:
+    """The DynnetCLI of `dynnet fit -c configs/default.yaml TINY ARGS` run in this process into root, after the fit:
+    its trainer, model and datamodule. callbacks: extra callbacks, as a program that drives dynnet gives them."""
+    with ExitStack() as cleanup:
+        return DynnetCLI(
+            ["fit", "-c", DEFAULT, *TINY, *args, "--trainer.default_root_dir", str(root)],
+            cleanup=cleanup,
+            callbacks=callbacks,
+        )
+
+
+def fitted_trainer(
+    root: Path,
+    module: L.LightningModule | Callable[[], L.LightningModule] = DynamicNet,
+    seed: int = 3,
+    data: dict | None = None,
+    ckpt_path: Path | None = None,
+    **trainer_args,
+) -> L.Trainer:
+    """The Trainer of a user's own Lightning fit into root: seeded first (as seed_everything in a config does), then
+    module fitted (or resumed from ckpt_path) on SineData with epochs of 100 steps and batches of at most 50 (and
+    data's settings), by lightning.Trainer(QUIET | trainer_args). module: a class or factory, built after seeding as
+    the command builds its model, or a module built already. trainer.lightning_module is the module."""
+    L.seed_everything(seed)
+    module = module if isinstance(module, L.LightningModule) else module()
+    trainer = L.Trainer(default_root_dir=root, **(QUIET | trainer_args))
+    data_module = SineData(**({"steps_per_epoch": 100, "steps_per_batch": 50} | (data or {})))
+    trainer.fit(module, data_module, ckpt_path=ckpt_path)
+    return trainer
+
+
+class Plateau(DynamicNet):
+    """The tutorial's SGD under a ReduceLROnPlateau that watches for a rise of a falling loss (mode max, patience 0),
+    with eps and a scheduler dict's monitor if given."""
+
+    def __init__(self, eps: float | None = None, monitor: str | None = None) -> None:
+        super().__init__()
+        self.eps, self.monitor = eps, monitor
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=1e-8, momentum=0.9)
+        kwargs = {"eps": self.eps} if self.eps is not None else {}
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=0, **kwargs)
+        schedule = {"scheduler": plateau} | ({"monitor": self.monitor} if self.monitor else {})
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+def fitted_checkpoint(root: Path, *args: str) -> Path:
+    """The last.ckpt of `dynnet fit -c configs/default.yaml TINY ARGS` run in this process into root, for a fixture
+    wider than a test (which no_pytest_argv does not reach)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["dynnet"])
+        fitted_cli(root, *args)
+    return last(root)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """The last.ckpt (step 200) of one `dynnet fit -c configs/default.yaml TINY` run, trained once for the session,
+    in root/lightning_logs/version_0/checkpoints. Tests read it, or copy it (copied_run) to change it."""
+    return fitted_checkpoint(tmp_path_factory.mktemp("trained"))
+
+
+def copied_run(checkpoint: Path, root: Path) -> Path:
+    """A copy of checkpoint's run folder, as root/lightning_logs/<run>; returns the copy of checkpoint."""
+    run = checkpoint.parents[1]
+    shutil.copytree(run, root / "lightning_logs" / run.name)
+    return root / checkpoint.relative_to(run.parents[1])
+
+
+def crafted_checkpoint(source: Path, change: Callable[[dict], object], path: Path | None = None) -> Path:
+    """source's contents changed by change, written by torch.save to path (source itself by default): whole and with
+    valid CRC-32s, so that only a check of its contents can refuse it. Returns the path written."""
+    contents = torch.load(source, weights_only=True)
+    change(contents)
+    path = source if path is None else path
+    torch.save(contents, path)
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+    return path
 
 
 def error_of(args: list[str], capsys, command=main) -> str:

@@ -12,8 +12,8 @@ from dynnet.module import DynamicNet
 from dynnet.runs.checkpoint import load_checkpoint
 
 
-def test_short_fit_learns_and_writes_its_run(fit, tmp_path):
-    out, _ = fit("-c", str(ROOT / "configs" / "default.yaml"), *TINY)
+def test_short_fit_learns_and_writes_its_run(fit_output, tmp_path):
+    out, _ = fit_output("-c", str(ROOT / "configs" / "default.yaml"), *TINY)
     logs = Path(out.split("Logs: ")[1].split()[0])
     assert logs == run_dir(tmp_path)  # one folder holds the run: config, events, checkpoints
     assert list(logs.glob("events.out.tfevents.*"))
@@ -34,8 +34,8 @@ def test_short_fit_learns_and_writes_its_run(fit, tmp_path):
 
 
 @pytest.mark.slow
-def test_seeded_run_matches_the_tutorial_loop_step_for_step(fit):
-    out, _ = fit(
+def test_seeded_run_matches_the_tutorial_loop_step_for_step(fit_output):
+    out, _ = fit_output(
         "-c", str(ROOT / "configs" / "default.yaml"), "--seed_everything", "7", "--trainer.enable_progress_bar", "false"
     )
     ours = torch.tensor(result(out), dtype=torch.float64)
@@ -44,8 +44,10 @@ def test_seeded_run_matches_the_tutorial_loop_step_for_step(fit):
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.stem != "sweep"))
-def test_every_fit_config_runs(fit, config):
-    out, _ = fit("-c", str(ROOT / "configs" / config), *TINY, "--trainer.accelerator", "cpu", "--trainer.devices", "1")
+def test_every_fit_config_runs(fit_output, config):
+    out, _ = fit_output(
+        "-c", str(ROOT / "configs" / config), *TINY, "--trainer.accelerator", "cpu", "--trainer.devices", "1"
+    )
     assert len(result(out)) == 5
 
 
@@ -71,8 +73,8 @@ def test_main_takes_an_argument_list(tmp_path, capsys):
     assert "val/expected_loss" in capsys.readouterr().out
 
 
-def test_a_fit_and_its_evaluations_end_with_the_answers_quality(fit, tmp_path, capsys):
-    out, _ = fit("-c", FAST, "--trainer.enable_progress_bar", "false")
+def test_a_fit_and_its_evaluations_end_with_the_answers_quality(fit_output, tmp_path, capsys):
+    out, _ = fit_output("-c", FAST, "--trainer.enable_progress_bar", "false")
     lines = out.splitlines()
     quality = lines[next(i for i, line in enumerate(lines) if line.startswith("Result: ")) + 1]
     assert re.fullmatch(r"Expected loss: 8\.755\d, 0\.0\d+% above its closed-form minimum 8\.7553", quality), quality
@@ -82,8 +84,8 @@ def test_a_fit_and_its_evaluations_end_with_the_answers_quality(fit, tmp_path, c
     assert DynamicNet.load_from_checkpoint(last(tmp_path)).quality() == quality  # the README's line in Python
 
 
-def test_a_poor_fit_says_so_and_what_to_try(fit):
-    out, _ = fit(*TINY, "--optimizer", "torch.optim.Adam")
+def test_a_poor_fit_says_so_and_what_to_try(fit_output):
+    out, _ = fit_output(*TINY, "--optimizer", "torch.optim.Adam")
     assert re.search(
         r"^Expected loss: \S+, [\d,]+ times its closed-form minimum 8\.7553: a poor fit; train longer \(max_steps\), "
         r"or search optimizers and learning rates with dynnet-sweep$",
@@ -92,8 +94,8 @@ def test_a_poor_fit_says_so_and_what_to_try(fit):
     ), out
 
 
-def test_evaluation_says_when_the_run_had_another_config_or_other_points(fit, tmp_path, capsys):
-    fit("-c", FAST, "--trainer.max_steps", "200", "--trainer.enable_progress_bar", "false")
+def test_evaluation_says_when_the_run_had_another_config_or_other_points(fit_output, tmp_path, capsys):
+    fit_output("-c", FAST, "--trainer.max_steps", "200", "--trainer.enable_progress_bar", "false")
     run = run_dir(tmp_path)
     main(["predict", "-c", DEFAULT, "--ckpt_path", "last", "--data.n_points", "100",
           "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip

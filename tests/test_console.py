@@ -4,7 +4,11 @@ empty log folders."""
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, TINY, dynnet, last
+
+# Each test starts `dynnet` (or Python) as a process, once or twice: seconds each.
+pytestmark = pytest.mark.slow
 
 
 def test_a_fit_prints_its_lines_and_nothing_else(tmp_path):

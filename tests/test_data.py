@@ -16,7 +16,7 @@ from dynnet.data import SineData, TrainItems
         ({"steps_per_batch": 0}, "steps_per_batch must be at least 1, got 0"),
     ],
 )
-def test_bad_values(kwargs, message):
+def test_bad_sinedata_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SineData(**kwargs)
 

@@ -215,6 +215,7 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_and_says_where(tmp_path, cap
     assert not list(run_dir(tmp_path).glob("checkpoints/.*.tmp"))
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path):
     run = subprocess.run([sys.executable, "-m", "dynnet", "fit", "--data.n_points", "1"], capture_output=True,
                          text=True, env=os.environ | {"DYNNET_DEBUG": "1"}, cwd=tmp_path)  # fmt: skip

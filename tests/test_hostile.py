@@ -64,8 +64,8 @@ def test_leftover_rank_variables_change_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_deleting_the_lock_file_does_not_admit_a_second_writer(tmp_path, fit):
-    fit("-c", DEFAULT, *TINY)
+def test_deleting_the_lock_file_does_not_admit_a_second_writer(tmp_path, fit_output):
+    fit_output("-c", DEFAULT, *TINY)
     run = run_dir(tmp_path)
     args = ["fit", *ENDLESS, "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path)]
     first = start(*args)
@@ -83,17 +83,17 @@ def test_deleting_the_lock_file_does_not_admit_a_second_writer(tmp_path, fit):
         first.wait()
 
 
-def test_last_is_the_run_started_last_whatever_the_files_times(tmp_path, fit, capsys):
-    fit("-c", DEFAULT, *TINY, "--run", "older")
-    fit("-c", DEFAULT, *TINY, "--run", "newer")
+def test_last_is_the_run_started_last_whatever_the_files_times(tmp_path, fit_output, capsys):
+    fit_output("-c", DEFAULT, *TINY, "--run", "older")
+    fit_output("-c", DEFAULT, *TINY, "--run", "newer")
     future = time.time_ns() + 10**12
     os.utime(run_dir(tmp_path, "older") / "run.lock", ns=(future, future))  # touched "in the future"
     main(["validate", "-c", DEFAULT, "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path)])
     assert f"Checkpoint: {last(tmp_path, 'newer')} at step 200" in capsys.readouterr().out
 
 
-def test_last_never_silently_means_a_run_without_a_checkpoint(tmp_path, fit, capsys):
-    fit("-c", DEFAULT, *TINY)  # version_0, with its checkpoints
+def test_last_never_silently_means_a_run_without_a_checkpoint(tmp_path, fit_output, capsys):
+    fit_output("-c", DEFAULT, *TINY)  # version_0, with its checkpoints
     # A run that diverged before its first checkpoint: it has a config, logs and a lock, no checkpoint.
     error = error_of(["fit", "-c", DEFAULT, *TINY, "--optimizer.lr", "1", "--trainer.default_root_dir",
                       str(tmp_path)], capsys)  # fmt: skip
@@ -163,8 +163,9 @@ def test_a_stop_with_checkpointing_off_promises_no_resume(tmp_path, monkeypatch,
     assert not last(tmp_path).exists()
 
 
-def test_a_lock_record_that_is_a_fifo_never_hangs_a_command(tmp_path, fit):
-    fit("-c", DEFAULT, *TINY)
+@pytest.mark.slow
+def test_a_lock_record_that_is_a_fifo_never_hangs_a_command(tmp_path, fit_output):
+    fit_output("-c", DEFAULT, *TINY)
     record = run_dir(tmp_path) / "run.lock"
     record.unlink()
     os.mkfifo(record)  # reading it would wait for a writer that never comes
@@ -265,9 +266,11 @@ def test_too_few_points_for_the_model(tmp_path, capsys):
     assert not tmp_path.joinpath("lightning_logs").exists()
 
 
-def test_resuming_an_lr_0_run_with_another_lr(tmp_path, fit):
-    fit("-c", DEFAULT, *TINY, "--optimizer.lr", "0")
-    out, _ = fit("-c", DEFAULT, *TINY, "--optimizer.lr", "1e-8", "--trainer.max_steps", "300", "--ckpt_path", "last")
+def test_resuming_an_lr_0_run_with_another_lr(tmp_path, fit_output):
+    fit_output("-c", DEFAULT, *TINY, "--optimizer.lr", "0")
+    out, _ = fit_output(
+        "-c", DEFAULT, *TINY, "--optimizer.lr", "1e-8", "--trainer.max_steps", "300", "--ckpt_path", "last"
+    )
     assert "Resumed with optimizer lr=1e-08 (the run had 0.0)" in out
     assert load_checkpoint(last(tmp_path))["optimizer_states"][0]["param_groups"][0]["lr"] == 1e-8
 
@@ -293,8 +296,8 @@ def test_a_full_disk_names_the_run_in_one_line(tmp_path):
 # ------------------------------------------------------------------------------------------------ what was used
 
 
-def test_evaluation_says_which_checkpoint_it_used(tmp_path, fit, capsys):
-    fit("-c", DEFAULT, *TINY)
+def test_evaluation_says_which_checkpoint_it_used(tmp_path, fit_output, capsys):
+    fit_output("-c", DEFAULT, *TINY)
     [best] = (run_dir(tmp_path) / "checkpoints").glob("best-*.ckpt")
     for command in ("validate", "test", "predict"):
         main([command, "-c", DEFAULT, "--ckpt_path", "best", "--trainer.default_root_dir", str(tmp_path)])

@@ -9,7 +9,6 @@ import math
 import os
 import re
 import reprlib
-import shutil
 import stat
 import struct
 import subprocess
@@ -23,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, error_of, last
+from conftest import DEFAULT, TINY, copied_run, crafted_checkpoint, error_of, fitted_checkpoint, last
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from dynnet.cli import main
@@ -33,37 +32,22 @@ from dynnet.runs.checkpoint import CheckpointError, load_checkpoint
 from dynnet.runs.checkpoint_state import check_training_state
 from dynnet.runs.files import write_atomically
 
-RESUME = [*TINY, "--trainer.max_steps", "400"]  # the trained run's settings, with steps left to train
+RESUME = ["-c", DEFAULT, *TINY, "--trainer.max_steps", "400"]  # the trained run's settings, with steps to train
 # An Adam run with a schedule, for what only such a run holds: Adam's per-parameter step, a scheduler's state.
 ADAM = ["--optimizer", "torch.optim.Adam", "--optimizer.lr", "0.05", "--lr_scheduler", "CosineAnnealingLR",
         "--lr_scheduler.T_max", "400"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """The root of a tiny real fit: lightning_logs/version_0 with its last.ckpt at step 200."""
-    root = tmp_path_factory.mktemp("trained")
-    main(["fit", *TINY, "--trainer.default_root_dir", str(root)])
-    return root
-
-
-@pytest.fixture(scope="module")
-def trained_adam(tmp_path_factory) -> Path:
-    """The root of the same fit with ADAM's optimizer and schedule."""
-    root = tmp_path_factory.mktemp("trained_adam")
-    main(["fit", *TINY, *ADAM, "--trainer.default_root_dir", str(root)])
-    return root
-
-
-def copy_run(root: Path, tmp_path: Path) -> Path:
-    """A copy of root's run under tmp_path/root; returns its last.ckpt."""
-    shutil.copytree(root / "lightning_logs", tmp_path / "root" / "lightning_logs")
-    return last(tmp_path / "root")
+def trained_adam_checkpoint(tmp_path_factory) -> Path:
+    """The last.ckpt (step 200) of the trained_checkpoint's fit with ADAM's optimizer and schedule."""
+    return fitted_checkpoint(tmp_path_factory.mktemp("trained_adam"), *ADAM)
 
 
 @pytest.fixture
-def run_copy(trained, tmp_path) -> Path:
-    return copy_run(trained, tmp_path)
+def copied_checkpoint(trained_checkpoint, tmp_path) -> Path:
+    """The trained run copied to tmp_path/root: its last.ckpt, to damage or rewrite."""
+    return copied_run(trained_checkpoint, tmp_path / "root")
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
@@ -163,8 +147,8 @@ def peak(*args: str) -> tuple[int, str, int]:
 
 
 @pytest.mark.parametrize("flip", [flip_in_tensor, flip_in_pickle], ids=["tensor-data", "data.pkl"])
-def test_one_flipped_bit_is_refused_by_every_reader(run_copy, tmp_path, capsys, flip):
-    checkpoint = run_copy
+def test_one_flipped_bit_is_refused_by_every_reader(copied_checkpoint, tmp_path, capsys, flip):
+    checkpoint = copied_checkpoint
     original = torch.load(checkpoint, weights_only=True)
     changed_value = flip(checkpoint)
     # torch alone reads the changed file without complaint, and gets a different number
@@ -179,36 +163,36 @@ def test_one_flipped_bit_is_refused_by_every_reader(run_copy, tmp_path, capsys, 
 
 
 @pytest.mark.slow
-def test_dynnet_export_refuses_a_flipped_bit_as_a_process(run_copy, tmp_path):
-    flip_in_tensor(run_copy)
+def test_dynnet_export_refuses_a_flipped_bit_as_a_process(copied_checkpoint, tmp_path):
+    flip_in_tensor(copied_checkpoint)
     output = tmp_path / "polynomial.json"
     done = subprocess.run(
-        [sys.executable, "-c", "from dynnet.cli.predictions import export_main; export_main()", str(run_copy), "-o",
-         str(output)],
+        [sys.executable, "-c", "from dynnet.cli.predictions import export_main; export_main()",
+         str(copied_checkpoint), "-o", str(output)],
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 1
-    assert done.stderr.startswith(f"dynnet-export: error: checkpoint {run_copy} is damaged")
+    assert done.stderr.startswith(f"dynnet-export: error: checkpoint {copied_checkpoint} is damaged")
     assert done.stderr.count("\n") == 1 and done.stdout == ""
     assert not output.exists()
 
 
-def test_every_record_of_a_written_checkpoint_carries_a_real_crc32(trained):
-    with zipfile.ZipFile(last(trained)) as archive:
+def test_every_record_of_a_written_checkpoint_carries_a_real_crc32(trained_checkpoint):
+    with zipfile.ZipFile(trained_checkpoint) as archive:
         assert archive.testzip() is None
         assert all(i.CRC != 0 for i in archive.infolist() if i.file_size > 0)
         assert all(i.compress_type == zipfile.ZIP_STORED for i in archive.infolist())  # what the reader demands
 
 
-def test_a_record_marked_as_a_directory_is_refused(run_copy):
+def test_a_record_marked_as_a_directory_is_refused(copied_checkpoint):
     """One bit of a record's attributes in the zip's central directory: torch's reader then takes the tensor's
     record for an empty directory and the tensor for whatever memory it got; the CRC-32 still matches."""
-    data = bytearray(run_copy.read_bytes())
-    name = tensor_record(run_copy, "model.shared")
+    data = bytearray(copied_checkpoint.read_bytes())
+    name = tensor_record(copied_checkpoint, "model.shared")
     data[central_entry(bytes(data), name) + 38] |= 0x10  # the external attributes' MS-DOS directory bit
-    run_copy.write_bytes(data)
+    copied_checkpoint.write_bytes(data)
     with pytest.raises(CheckpointError, match=f"is damaged: .*record archive/{name} is marked as a directory"):
-        load_checkpoint(run_copy)
+        load_checkpoint(copied_checkpoint)
 
 
 def declare(data: bytearray, name: str, stored: int | None = None, unpacked: int | None = None) -> None:
@@ -242,13 +226,15 @@ RECORDS = {
 
 
 @pytest.mark.parametrize("change, reason", RECORDS.values(), ids=RECORDS.keys())
-def test_records_that_torch_save_could_not_have_written_are_refused(run_copy, change, reason):
-    data = bytearray(run_copy.read_bytes())
+def test_records_that_torch_save_could_not_have_written_are_refused(copied_checkpoint, change, reason):
+    data = bytearray(copied_checkpoint.read_bytes())
     change(data)
-    run_copy.write_bytes(data)
+    copied_checkpoint.write_bytes(data)
     with pytest.raises(CheckpointError) as refusal:
-        load_checkpoint(run_copy)
-    assert str(refusal.value).startswith(f"checkpoint {run_copy} is damaged: its bytes changed after it was written")
+        load_checkpoint(copied_checkpoint)
+    assert str(refusal.value).startswith(
+        f"checkpoint {copied_checkpoint} is damaged: its bytes changed after it was written"
+    )
     assert reason in str(refusal.value)
 
 
@@ -275,16 +261,18 @@ def compressed(checkpoint: Path, path: Path, method: int, unpacked_mib: int, dec
 
 
 @pytest.mark.slow
-def test_compressed_records_are_refused_before_anything_is_unpacked(run_copy, tmp_path):
+def test_compressed_records_are_refused_before_anything_is_unpacked(copied_checkpoint, tmp_path):
     """The issue's two: a deflated record that unpacks to 512 MiB, and a bzip2 one that unpacks to 256 MiB while
     declaring 16 bytes. `dynnet validate` refuses each in one line, at the memory of a refusal of a file that
     unpacks to nothing: a damaged one."""
     bombs = {
-        "deflate": compressed(run_copy, tmp_path / "deflate.ckpt", zipfile.ZIP_DEFLATED, 512),
-        "bzip2": compressed(run_copy, tmp_path / "bzip2.ckpt", zipfile.ZIP_BZIP2, 256, declared=16),
+        "deflate": compressed(copied_checkpoint, tmp_path / "deflate.ckpt", zipfile.ZIP_DEFLATED, 512),
+        "bzip2": compressed(copied_checkpoint, tmp_path / "bzip2.ckpt", zipfile.ZIP_BZIP2, 256, declared=16),
     }
-    flip_in_tensor(run_copy)
-    code, error, baseline = peak("validate", "--ckpt_path", str(run_copy), "--trainer.default_root_dir", str(tmp_path))
+    flip_in_tensor(copied_checkpoint)
+    code, error, baseline = peak(
+        "validate", "--ckpt_path", str(copied_checkpoint), "--trainer.default_root_dir", str(tmp_path)
+    )
     assert code == 1 and "is damaged" in error
     for method, bomb in bombs.items():
         code, error, used = peak("validate", "--ckpt_path", str(bomb), "--trainer.default_root_dir", str(tmp_path))
@@ -308,11 +296,11 @@ def same(a, b) -> bool:
 
 
 @pytest.mark.slow
-def test_no_flipped_bit_anywhere_changes_what_loads(trained, tmp_path):
+def test_no_flipped_bit_anywhere_changes_what_loads(trained_checkpoint, tmp_path):
     """Each byte of a real checkpoint, one bit flipped (bit = position mod 8): load_checkpoint refuses the file
     in one line or returns exactly the original contents (a flip in bytes no reader uses: padding, the local
     headers' copies of the CRC and the time)."""
-    original_path = last(trained)
+    original_path = trained_checkpoint
     original, data = load_checkpoint(original_path), original_path.read_bytes()
     path = tmp_path / "flipped.ckpt"
     refused = unchanged = 0
@@ -332,17 +320,6 @@ def test_no_flipped_bit_anywhere_changes_what_loads(trained, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- what every reader uses
-
-
-def crafted(checkpoint: Path, change) -> Path:
-    """checkpoint rewritten by torch.save after change: whole and with valid CRC-32s, so only a check of its
-    contents can refuse it."""
-    contents = torch.load(checkpoint, weights_only=True)
-    change(contents)
-    torch.save(contents, checkpoint)
-    with zipfile.ZipFile(checkpoint) as archive:
-        assert archive.testzip() is None
-    return checkpoint
 
 
 def word(index: int, value) -> Callable:
@@ -423,8 +400,8 @@ CONTENTS = {
 
 
 @pytest.mark.parametrize("change, reason", EVERY_READER.values(), ids=EVERY_READER.keys())
-def test_implausible_contents_are_refused_by_every_reader(run_copy, tmp_path, capsys, change, reason):
-    checkpoint = crafted(run_copy, change)
+def test_implausible_contents_are_refused_by_every_reader(copied_checkpoint, tmp_path, capsys, change, reason):
+    checkpoint = crafted_checkpoint(copied_checkpoint, change)
     before = snapshot(tmp_path)
     for reader, error in readers_errors(checkpoint, tmp_path, capsys).items():
         assert error == f"checkpoint {checkpoint} {reason}", reader
@@ -435,8 +412,8 @@ def test_implausible_contents_are_refused_by_every_reader(run_copy, tmp_path, ca
 
 
 @pytest.mark.parametrize("change, reason", CONTENTS.values(), ids=CONTENTS.keys())
-def test_implausible_contents_are_refused(run_copy, change, reason):
-    checkpoint = crafted(run_copy, change)
+def test_implausible_contents_are_refused(copied_checkpoint, change, reason):
+    checkpoint = crafted_checkpoint(copied_checkpoint, change)
     with pytest.raises(CheckpointError) as refusal:
         load_checkpoint(checkpoint)
     assert str(refusal.value) == f"checkpoint {checkpoint} {reason}"
@@ -446,7 +423,7 @@ def nested(checkpoint: Path, depth: int) -> Path:
     """checkpoint with a list nested depth deep among the Run's schedule arguments. torch.save's pickler cannot
     write one (it recurses), so the list's opcodes replace a one-string list's in data.pkl: depth EMPTY_LISTs,
     then APPENDs that put each into the one before it."""
-    crafted(checkpoint, lambda c: c["callbacks"]["Run"]["lr_scheduler_args"].update(milestones=["DEEP"]))
+    crafted_checkpoint(checkpoint, lambda c: c["callbacks"]["Run"]["lr_scheduler_args"].update(milestones=["DEEP"]))
     with zipfile.ZipFile(checkpoint) as archive:
         records = {info.filename: archive.read(info) for info in archive.infolist()}
     name = next(n for n in records if n.endswith("data.pkl"))
@@ -463,10 +440,10 @@ def nested(checkpoint: Path, depth: int) -> Path:
     return checkpoint
 
 
-def test_lists_nested_without_end_are_refused_by_every_reader(run_copy, tmp_path, capsys):
+def test_lists_nested_without_end_are_refused_by_every_reader(copied_checkpoint, tmp_path, capsys):
     """10**5 deep: deepcopy (a resume's callback states) and every comparison would exceed Python's recursion limit;
     torch's unpickler builds it without recursing, and load_checkpoint measures it without recursing."""
-    checkpoint = nested(run_copy, 10**5)
+    checkpoint = nested(copied_checkpoint, 10**5)
     before = snapshot(tmp_path)
     reason = "was refused: it nests lists or mappings more than 32 deep"
     for reader, error in readers_errors(checkpoint, tmp_path, capsys).items():
@@ -474,7 +451,7 @@ def test_lists_nested_without_end_are_refused_by_every_reader(run_copy, tmp_path
     assert snapshot(tmp_path) == before
 
 
-def test_plausible_contents_load(run_copy):
+def test_plausible_contents_load(copied_checkpoint):
     """Degree counts beyond global_step (a model trained by fits on two Trainers has drawn more), and a generator
     state whose gauss value was drawn, are what a checkpoint may hold."""
 
@@ -482,16 +459,18 @@ def test_plausible_contents_load(run_copy):
         checkpoint["degree_counts"] = [10**6, 2**52 - 1, 0]
         checkpoint["degree_generator"] = (*checkpoint["degree_generator"][:2], -0.25)
 
-    checkpoint = load_checkpoint(crafted(run_copy, change))
+    checkpoint = load_checkpoint(crafted_checkpoint(copied_checkpoint, change))
     assert checkpoint["degree_counts"] == [10**6, 2**52 - 1, 0] and checkpoint["global_step"] == 200
 
 
-def test_strict_false_accepts_a_partial_state_dict_but_still_checks_what_it_holds(run_copy):
-    path = crafted(run_copy, lambda c: c["state_dict"].pop("model.coefficients.0"))
+def test_strict_false_accepts_a_partial_state_dict_but_still_checks_what_it_holds(copied_checkpoint):
+    path = crafted_checkpoint(copied_checkpoint, lambda c: c["state_dict"].pop("model.coefficients.0"))
     with pytest.raises(CheckpointError, match="its state_dict should hold exactly"):
         load_checkpoint(path)
     assert "model.coefficients.0" not in load_checkpoint(path, strict=False)["state_dict"]
-    crafted(run_copy, lambda c: c["state_dict"].update({"model.shared": torch.tensor(float("nan"))}))
+    crafted_checkpoint(
+        copied_checkpoint, lambda c: c["state_dict"].update({"model.shared": torch.tensor(float("nan"))})
+    )
     with pytest.raises(CheckpointError, match="parameter model.shared is nan"):
         load_checkpoint(path, strict=False)
 
@@ -650,18 +629,18 @@ RESUMES = {
 def test_a_resume_is_refused_unless_its_state_is_what_the_fit_writes(
     request, tmp_path, capsys, run, args, change, reason
 ):
-    trained = request.getfixturevalue({"sgd": "trained", "adam": "trained_adam"}[run])
-    checkpoint = crafted(copy_run(trained, tmp_path), change)
+    trained = request.getfixturevalue({"sgd": "trained_checkpoint", "adam": "trained_adam_checkpoint"}[run])
+    checkpoint = crafted_checkpoint(copied_run(trained, tmp_path / "root"), change)
     assert resumed_error(checkpoint, capsys, *RESUME, *args) == f"checkpoint {checkpoint} was refused: {reason}"
 
 
-def test_evaluation_reads_what_it_uses_and_no_more(run_copy, tmp_path, capsys):
+def test_evaluation_reads_what_it_uses_and_no_more(copied_checkpoint, tmp_path, capsys):
     """validate and dynnet-export use the model, not the optimizer: a checkpoint a resume refuses for its optimizer
     state still evaluates and exports."""
-    crafted(run_copy, set_group("lr", "0.01"))
-    main(["validate", "--ckpt_path", str(run_copy), "--trainer.default_root_dir", str(tmp_path)])
-    assert f"Checkpoint: {run_copy} at step 200" in capsys.readouterr().out
-    export_main([str(run_copy), "-o", str(tmp_path / "polynomial.json")])
+    crafted_checkpoint(copied_checkpoint, set_group("lr", "0.01"))
+    main(["validate", "--ckpt_path", str(copied_checkpoint), "--trainer.default_root_dir", str(tmp_path)])
+    assert f"Checkpoint: {copied_checkpoint} at step 200" in capsys.readouterr().out
+    export_main([str(copied_checkpoint), "-o", str(tmp_path / "polynomial.json")])
     assert (tmp_path / "polynomial.json").read_text().startswith("{")
 
 
@@ -708,28 +687,33 @@ FILES = {
 
 
 @pytest.mark.parametrize("fields, reason", FILES.values(), ids=FILES.keys())
-def test_a_callback_state_cannot_name_a_file_outside_the_run(run_copy, tmp_path, capsys, monkeypatch, fields, reason):
+def test_a_callback_state_cannot_name_a_file_outside_the_run(
+    copied_checkpoint, tmp_path, capsys, monkeypatch, fields, reason
+):
     """Resumed with a ModelCheckpoint, which deletes the best file its state names when it saves a new one."""
-    run = run_copy.parents[1]
+    run = copied_checkpoint.parents[1]
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     monkeypatch.chdir(tmp_path)  # where a relative path lands
-    crafted(run_copy, model_checkpoint_state(run, **fields(run)))
-    error = resumed_error(run_copy, capsys, *RESUME, "--trainer.callbacks+=ModelCheckpoint")
-    assert error == f"checkpoint {run_copy} was refused: {reason.format(run=run)}"
+    crafted_checkpoint(copied_checkpoint, model_checkpoint_state(run, **fields(run)))
+    error = resumed_error(copied_checkpoint, capsys, *RESUME, "--trainer.callbacks+=ModelCheckpoint")
+    assert error == f"checkpoint {copied_checkpoint} was refused: {reason.format(run=run)}"
     assert victim.read_text() == "keep me"
 
 
-def test_a_callbacks_own_files_inside_the_run_are_kept(run_copy, tmp_path, capsys):
+def test_a_callbacks_own_files_inside_the_run_are_kept(copied_checkpoint, tmp_path, capsys):
     """The same ModelCheckpoint state naming a file of the run, through '..' that stays inside it: the resume
     trains, and the callback replaces its own previous best."""
-    run = run_copy.parents[1]
+    run = copied_checkpoint.parents[1]
     previous = run / "checkpoints" / "epoch=0-step=100.ckpt"
     previous.write_bytes(b"an older best")
-    crafted(run_copy, model_checkpoint_state(run, best_model_path=f"{run}/checkpoints/../checkpoints/{previous.name}"))
-    main(["fit", *RESUME, "--trainer.callbacks+=ModelCheckpoint", "--ckpt_path", str(run_copy),
+    crafted_checkpoint(
+        copied_checkpoint,
+        model_checkpoint_state(run, best_model_path=f"{run}/checkpoints/../checkpoints/{previous.name}"),
+    )
+    main(["fit", *RESUME, "--trainer.callbacks+=ModelCheckpoint", "--ckpt_path", str(copied_checkpoint),
           "--trainer.default_root_dir", str(run.parents[1])])  # fmt: skip
-    assert load_checkpoint(run_copy)["global_step"] == 400
+    assert load_checkpoint(copied_checkpoint)["global_step"] == 400
     assert not previous.exists()
 
 
@@ -837,6 +821,9 @@ def make_char_device(path: Path) -> None:
 
 
 CAN_MKNOD = os.geteuid() == 0
+NEEDS_MKNOD = pytest.mark.skipif(
+    not CAN_MKNOD, reason="creating a device needs root; test_dev_null_stays_a_device covers devices"
+)
 
 
 def describe(path: Path) -> tuple:
@@ -846,19 +833,19 @@ def describe(path: Path) -> tuple:
     return stat.S_IFMT(info.st_mode), os.readlink(path) if path.is_symlink() else None, info.st_ino
 
 
-OUTPUTS = {
-    "symlink": (make_symlink, "a symbolic link"),
-    "dangling-symlink": (lambda path: path.symlink_to(path.with_name("nowhere")), "a symbolic link"),
-    "fifo": (os.mkfifo, "a FIFO (named pipe)"),
-    "directory": (os.mkdir, None),
-    "char-device": (make_char_device, "a character device"),
-}
+OUTPUTS = [
+    pytest.param(make_symlink, "a symbolic link", id="symlink"),
+    pytest.param(lambda path: path.symlink_to(path.with_name("nowhere")), "a symbolic link", id="dangling-symlink"),
+    pytest.param(os.mkfifo, "a FIFO (named pipe)", id="fifo"),
+    pytest.param(os.mkdir, None, id="directory"),
+    pytest.param(make_char_device, "a character device", id="char-device", marks=NEEDS_MKNOD),
+]
 
 
-@pytest.mark.parametrize("make, kind", OUTPUTS.values(), ids=OUTPUTS.keys())
-def test_outputs_that_are_not_regular_files_are_refused_and_left_as_they_were(run_copy, tmp_path, capsys, make, kind):
-    if make is make_char_device and not CAN_MKNOD:
-        pytest.skip("creating a device needs root; test_dev_null_stays_a_device covers devices")
+@pytest.mark.parametrize("make, kind", OUTPUTS)
+def test_outputs_that_are_not_regular_files_are_refused_and_left_as_they_were(
+    copied_checkpoint, tmp_path, capsys, make, kind
+):
     output = tmp_path / "out" / "x.out"
     output.parent.mkdir()
     target = make(output)
@@ -869,10 +856,10 @@ def test_outputs_that_are_not_regular_files_are_refused_and_left_as_they_were(ru
         else f"output {output} is {kind}, not a regular file; give the name of a regular file or a new one"
     )
     with pytest.raises(SystemExit) as exit_info:
-        export_main([str(run_copy), "-o", str(output)])
+        export_main([str(copied_checkpoint), "-o", str(output)])
     assert exit_info.value.code == f"dynnet-export: error: {expected}"
     error = error_of(
-        ["predict", "--ckpt_path", str(run_copy), "--predictions.path", str(output),
+        ["predict", "--ckpt_path", str(copied_checkpoint), "--predictions.path", str(output),
          "--trainer.default_root_dir", str(tmp_path / "root")],
         capsys,
     )  # fmt: skip
@@ -885,7 +872,7 @@ def test_outputs_that_are_not_regular_files_are_refused_and_left_as_they_were(ru
     )  # no temporary file left beside it
 
 
-def test_dev_null_stays_a_device(run_copy, tmp_path, capsys):
+def test_dev_null_stays_a_device(copied_checkpoint, tmp_path, capsys):
     with pytest.raises(ValueError, match="output /dev/null is a character device, not a regular file"):
         check_output_path("/dev/null", inputs=[])
     # As root, a writer that went through would replace the machine's /dev/null: root writes to a null device of its
@@ -894,18 +881,22 @@ def test_dev_null_stays_a_device(run_copy, tmp_path, capsys):
     if CAN_MKNOD:
         make_char_device(device)
     with pytest.raises(SystemExit, match=f"dynnet-export: error: output {device} is a character device"):
-        export_main([str(run_copy), "-o", str(device)])
+        export_main([str(copied_checkpoint), "-o", str(device)])
     assert stat.S_ISCHR(os.lstat(device).st_mode)
 
 
 @pytest.mark.parametrize(
-    "make", [make_symlink, os.mkfifo, os.mkdir, make_char_device], ids=["symlink", "fifo", "directory", "device"]
+    "make",
+    [
+        pytest.param(make_symlink, id="symlink"),
+        pytest.param(os.mkfifo, id="fifo"),
+        pytest.param(os.mkdir, id="directory"),
+        pytest.param(make_char_device, id="device", marks=NEEDS_MKNOD),
+    ],
 )
 def test_write_atomically_never_replaces_what_is_not_a_regular_file(tmp_path, make):
     """The check right before the rename: a path that became a link or a device after the command's own check
     (or that no check looked at) is still never replaced."""
-    if make is make_char_device and not CAN_MKNOD:
-        pytest.skip("creating a device needs root")
     path = tmp_path / "x.out"
     target = make(path)
     state = describe(path)
@@ -917,8 +908,8 @@ def test_write_atomically_never_replaces_what_is_not_a_regular_file(tmp_path, ma
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["x.out", *([target.name] if target else [])])
 
 
-def test_a_regular_file_is_still_replaced(run_copy, tmp_path):
+def test_a_regular_file_is_still_replaced(copied_checkpoint, tmp_path):
     output = tmp_path / "polynomial.json"
     output.write_text("old\n")
-    export_main([str(run_copy), "-o", str(output)])
+    export_main([str(copied_checkpoint), "-o", str(output)])
     assert output.read_text().startswith("{") and "NaN" not in output.read_text()

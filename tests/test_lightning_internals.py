@@ -3,18 +3,16 @@ them fails here, naming the function to mend. (What the functions achieve is tes
 estimated_stepping_batches, the help, the run's config.)"""
 
 import inspect
-from contextlib import ExitStack
 from datetime import timedelta
 
 import lightning as L
 import pytest
-from conftest import TINY
+from conftest import fitted_cli, fitted_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
 
-from dynnet import DynamicNet, SineData
+from dynnet import DynamicNet
 from dynnet import lightning_internals as internals
-from dynnet.cli.command import DynnetCLI
 
 
 class Seen(L.Callback):
@@ -28,15 +26,12 @@ class Seen(L.Callback):
         self.seen.append((trainer.global_step, counted, trainer._logger_connector.should_update_logs))
 
 
-def fit(**trainer_args) -> L.Trainer:
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, **trainer_args)
-    trainer.fit(DynamicNet(), SineData(steps_per_epoch=100, steps_per_batch=50))
-    return trainer
+NO_FILES = {"logger": False, "enable_checkpointing": False}
 
 
-def test_batch_ended_at_step_sets_what_lightnings_logging_counts():
+def test_batch_ended_at_step_sets_what_lightnings_logging_counts(tmp_path):
     seen = Seen()
-    trainer = fit(max_steps=200, log_every_n_steps=100, callbacks=[seen])
+    trainer = fitted_trainer(tmp_path, max_steps=200, log_every_n_steps=100, callbacks=[seen], **NO_FILES)
     assert [s[:2] for s in seen.seen] == [(50, 49), (100, 99), (150, 149), (200, 199)], (
         "Lightning no longer counts logging by fit_loop.epoch_loop._batches_that_stepped: mend "
         "dynnet.lightning_internals.batch_ended_at_step"
@@ -64,13 +59,13 @@ def test_set_max_steps_is_what_the_trainer_stops_at():
     assert trainer.max_steps == 100, "mend dynnet.lightning_internals.set_max_steps: fit_loop.epoch_loop.max_steps"
 
 
-def test_set_validation_batches_is_what_the_fit_loop_counts():
+def test_set_validation_batches_is_what_the_fit_loop_counts(tmp_path):
     class Batches(L.Callback):
         def on_train_start(self, trainer, pl_module) -> None:
             self.counted = trainer.val_check_batch
 
     seen = Batches()
-    fit(max_steps=100, val_check_interval=20, callbacks=[seen])  # SineData: 2 batches of 10 steps
+    fitted_trainer(tmp_path, max_steps=100, val_check_interval=20, callbacks=[seen], **NO_FILES)  # 2 batches of 10
     assert seen.counted == 2, "mend dynnet.lightning_internals.set_validation_batches: Trainer.val_check_interval"
 
 
@@ -82,16 +77,14 @@ def test_validation_time_reads_a_time_based_interval(interval):
     assert internals.validation_time(L.Trainer(val_check_interval=10, logger=False)) is None
 
 
-def test_the_hook_name_is_what_lightning_sets_around_hooks():
+def test_the_hook_name_is_what_lightning_sets_around_hooks(tmp_path):
     names = []
 
     class Watched(DynamicNet):
         def on_train_start(self) -> None:
             names.append(getattr(self, internals.HOOK_NAME, None))
 
-    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False).fit(
-        Watched(), SineData()
-    )
+    fitted_trainer(tmp_path, Watched, max_steps=1, **NO_FILES)
     assert names == ["on_train_start"], "mend dynnet.lightning_internals.HOOK_NAME"
 
 
@@ -111,8 +104,7 @@ def test_set_rank_is_what_rank_zero_only_reads(monkeypatch):
 
 
 def test_the_parser_parts_the_help_and_the_run_config_use(tmp_path):
-    with ExitStack() as cleanup:
-        cli = DynnetCLI(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path)], cleanup=cleanup)
+    cli = fitted_cli(tmp_path)
     assert [c.dest for c in internals.subcommand_choices(cli)] == ["fit", "validate", "test", "predict"], (
         "mend dynnet.lightning_internals.subcommand_choices"
     )

@@ -20,7 +20,7 @@ def test_polynomial_matches_formula(x, degree):
     torch.testing.assert_close(model(x, degree), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_other_degree_ranges(x):
+def test_other_degree_ranges_give_their_polynomials(x):
     model = DynamicPolynomial(min_degree=1, max_degree=3).double()
     a, b, s = model.flat().tolist()
     torch.testing.assert_close(model(x, 3), a + b * x + s * x**2 + s * x**3, rtol=1e-12, atol=1e-12)
@@ -106,6 +106,6 @@ def test_formula_has_the_tutorial_format():
         ({"max_degree": 10**10}, "max_degree must be at most 100, got 10000000000"),
     ],
 )
-def test_bad_degrees(kwargs, message):
+def test_bad_degree_ranges_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DynamicPolynomial(**kwargs)

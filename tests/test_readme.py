@@ -160,11 +160,14 @@ def test_the_flag_table_has_its_examples():
     assert len(flag_examples()) >= 14
 
 
+NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("example", flag_examples())
+@pytest.mark.parametrize(
+    "example", [pytest.param(example, marks=NEEDS_GPU if "gpu" in example else ()) for example in flag_examples()]
+)
 def test_every_flag_example_trains(tmp_path, monkeypatch, example):
-    if "gpu" in example and not torch.cuda.is_available():
-        pytest.skip("needs a GPU")
     args = ["fit", "-c", str(ROOT / "configs" / "default.yaml"), *shlex.split(example), "--trainer.max_steps", "600",
             "--data.steps_per_epoch", "200", "--trainer.enable_progress_bar", "false"]  # fmt: skip
     if "--trainer.default_root_dir" in example:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEFAULT, TINY, dynnet, error_of, last, result
+from conftest import DEFAULT, TINY, crafted_checkpoint, dynnet, error_of, last, result
 
 from dynnet.module import DynamicNet
 from dynnet.runs.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
@@ -95,14 +95,6 @@ def test_divergence_stops_with_one_line(tmp_path, capsys):
     assert "try a smaller learning rate, e.g. --optimizer.lr 2e-08" in error
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A last.ckpt from a short real fit."""
-    root = tmp_path_factory.mktemp("trained")
-    dynnet("fit", "-c", DEFAULT, *TINY, "--trainer.default_root_dir", str(root), check=True)
-    return last(root)
-
-
 class Payload:
     def __init__(self, marker: Path):
         self.marker = marker
@@ -123,11 +115,12 @@ def record_call(*args):
     record_call.called = True
 
 
-def test_load_from_checkpoint_ignores_a_named_instantiator(trained, tmp_path):
-    checkpoint = torch.load(trained, weights_only=True)
-    checkpoint["hyper_parameters"]["_instantiator"] = "test_reliability.record_call"
-    path = tmp_path / "named.ckpt"
-    torch.save(checkpoint, path)
+def test_load_from_checkpoint_ignores_a_named_instantiator(trained_checkpoint, tmp_path):
+    named = {"_instantiator": "test_reliability.record_call"}
+    path = crafted_checkpoint(
+        trained_checkpoint, lambda c: c["hyper_parameters"].update(named), tmp_path / "named.ckpt"
+    )
+    checkpoint = torch.load(path, weights_only=True)
     module = DynamicNet.load_from_checkpoint(path)
     assert not getattr(record_call, "called", False)
     assert torch.equal(
@@ -156,18 +149,18 @@ def _truncated(trained: Path, path: Path) -> None:
     ],
     ids=["missing", "truncated", "random-bytes", "foreign"],
 )
-def test_unusable_checkpoints_get_one_line(trained, tmp_path, capsys, make, reason):
+def test_unusable_checkpoints_get_one_line(trained_checkpoint, tmp_path, capsys, make, reason):
     path = tmp_path / "bad.ckpt"
     if make:
-        make(trained, path)
+        make(trained_checkpoint, path)
     error = error_of(["fit", "--ckpt_path", str(path), "--trainer.default_root_dir", str(tmp_path)], capsys)
     assert error == f"dynnet: error: checkpoint {path} {reason}"
 
 
-def test_checkpoint_of_another_model_is_refused(trained, tmp_path, capsys):
-    error = error_of(["validate", "--model.max_degree", "6", "--ckpt_path", str(trained)], capsys)
+def test_checkpoint_of_another_model_is_refused(trained_checkpoint, tmp_path, capsys):
+    error = error_of(["validate", "--model.max_degree", "6", "--ckpt_path", str(trained_checkpoint)], capsys)
     assert error == (
-        f"dynnet: error: checkpoint {trained} holds a model with max_degree=5, "
+        f"dynnet: error: checkpoint {trained_checkpoint} holds a model with max_degree=5, "
         "but the configured model has max_degree=6"
     )
 

@@ -7,20 +7,19 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, free_port, plain_loop, result, stop_line
+from conftest import DEFAULT, free_port, plain_loop, result, stop_line
 
 from dynnet.runs.checkpoint import load_checkpoint
 
 # The default config, shortened to 2000 steps (one epoch), as the README's scale-out commands run it.
-FIT = [
-    "-m", "dynnet", "fit", "-c", str(ROOT / "configs" / "default.yaml"),
-    "--trainer.max_steps", "2000", "--trainer.enable_progress_bar", "false",
-]  # fmt: skip
+SHORT = ["-c", DEFAULT, "--trainer.max_steps", "2000", "--trainer.enable_progress_bar", "false"]
+FIT = ["-m", "dynnet", "fit", *SHORT]
 DDP = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
-def fit(tmp_path, *args: str, launcher: tuple[str, ...] = (sys.executable,)) -> list[float]:
+def launched_result(tmp_path, *args: str, launcher: tuple[str, ...] = (sys.executable,)) -> list[float]:
+    """The Result of `dynnet fit SHORT ARGS` started by launcher (a Python process by default) into tmp_path."""
     out = subprocess.run(
         [*launcher, *FIT, *args, "--trainer.default_root_dir", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
@@ -31,7 +30,7 @@ def fit(tmp_path, *args: str, launcher: tuple[str, ...] = (sys.executable,)) -> 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> torch.Tensor:
-    return torch.tensor(fit(tmp_path_factory.mktemp("one")), dtype=torch.float64)
+    return torch.tensor(launched_result(tmp_path_factory.mktemp("one")), dtype=torch.float64)
 
 
 def assert_same(params: list[float], reference: torch.Tensor) -> None:
@@ -39,18 +38,18 @@ def assert_same(params: list[float], reference: torch.Tensor) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_launched_by_lightning(tmp_path, one_process):
-    assert_same(fit(tmp_path, *DDP, "--trainer.devices", "2"), one_process)
+def test_ddp_launched_by_lightning_gives_the_one_process_result(tmp_path, one_process):
+    assert_same(launched_result(tmp_path, *DDP, "--trainer.devices", "2"), one_process)
 
 
 @pytest.mark.slow
-def test_torchrun(tmp_path, one_process):
+def test_torchrun_gives_the_one_process_result(tmp_path, one_process):
     launcher = (*TORCHRUN, "--standalone", "--nproc_per_node", "2")
-    assert_same(fit(tmp_path, *DDP, "--trainer.devices", "2", launcher=launcher), one_process)
+    assert_same(launched_result(tmp_path, *DDP, "--trainer.devices", "2", launcher=launcher), one_process)
 
 
 @pytest.mark.slow
-def test_two_nodes_on_one_machine(tmp_path, one_process):
+def test_two_nodes_on_one_machine_give_the_one_process_result(tmp_path, one_process):
     port = free_port()
     nodes = []
     for rank in (0, 1):
@@ -66,13 +65,12 @@ def test_two_nodes_on_one_machine(tmp_path, one_process):
     assert_same(result(outputs[0][0]), one_process)  # node 0 holds global rank 0, which reports
 
 
-def test_float64_matches_a_float64_plain_loop(tmp_path):
-    ours = fit(tmp_path, "--trainer.precision", "64-true", "--seed_everything", "2", "--trainer.max_steps", "300")
-    assert ours == plain_loop("--float64", "--seed", "2", "--steps", "300")
-
-
-def test_bf16_mixed_runs_on_cpu(tmp_path):
-    assert len(fit(tmp_path, "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "300")) == 5
+def test_float64_matches_a_float64_plain_loop(fit_output):
+    # In this process; bf16-mixed on a CPU: test_lightning's test_float64_and_bf16_mixed_train.
+    out, _ = fit_output(
+        *SHORT, "--trainer.precision", "64-true", "--seed_everything", "2", "--trainer.max_steps", "300"
+    )
+    assert result(out) == plain_loop("--float64", "--seed", "2", "--steps", "300")
 
 
 @pytest.mark.slow

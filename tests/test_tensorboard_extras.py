@@ -56,8 +56,8 @@ def marked(run: EventAccumulator) -> set[str]:
     return {info.name for info in experiment(run).hparam_infos if info.differs}
 
 
-def test_a_fit_writes_images_hparams_layout_and_result(fit, tmp_path):
-    fit(*WITH_DEFAULT, *TINY)  # validated at steps 100 and 200, its last step
+def test_a_fit_writes_images_hparams_layout_and_result(fit_output, tmp_path):
+    fit_output(*WITH_DEFAULT, *TINY)  # validated at steps 100 and 200, its last step
     run = events(tmp_path)
 
     # One picture per validation, none for the sanity check at step 0, none more at the validated last step.
@@ -123,16 +123,16 @@ def test_a_fit_writes_images_hparams_layout_and_result(fit, tmp_path):
     assert RESULT.match(text.tensor_proto.string_val[0].decode())
 
 
-def test_last_step_gets_a_picture_when_no_validation_ran_there(fit, tmp_path):
+def test_last_step_gets_a_picture_when_no_validation_ran_there(fit_output, tmp_path):
     # Validation every second epoch: at step 200; the run ends at 300, the end of the third epoch.
-    fit(*WITH_DEFAULT, *TINY, "--trainer.max_steps", "300", "--trainer.check_val_every_n_epoch", "2")
+    fit_output(*WITH_DEFAULT, *TINY, "--trainer.max_steps", "300", "--trainer.check_val_every_n_epoch", "2")
     run = events(tmp_path)
     assert image_steps(run) == [200, 300]
 
 
-def test_scheduler_and_optimizer_arguments_are_in_hparams(fit, tmp_path):
-    fit(*WITH_DEFAULT, *TINY, "--optimizer", "torch.optim.Adam", "--optimizer.lr", "0.1", "--optimizer.amsgrad", "true",
-        "--lr_scheduler", "torch.optim.lr_scheduler.CosineAnnealingLR", "--lr_scheduler.T_max", "3000",
+def test_scheduler_and_optimizer_arguments_are_in_hparams(fit_output, tmp_path):
+    fit_output(*WITH_DEFAULT, *TINY, "--optimizer", "torch.optim.Adam", "--optimizer.lr", "0.1", "--optimizer.amsgrad",
+        "true", "--lr_scheduler", "torch.optim.lr_scheduler.CosineAnnealingLR", "--lr_scheduler.T_max", "3000",
         "--lr_interval", "epoch")  # fmt: skip
     run = events(tmp_path)
     settings = hparams(run)
@@ -149,10 +149,10 @@ def test_scheduler_and_optimizer_arguments_are_in_hparams(fit, tmp_path):
     assert types["optimizer.amsgrad"] == api_pb2.DATA_TYPE_BOOL and types["optimizer"] == api_pb2.DATA_TYPE_STRING
 
 
-def test_a_plateau_schedule_is_listed_with_its_arguments(fit, tmp_path):
+def test_a_plateau_schedule_is_listed_with_its_arguments(fit_output, tmp_path):
     # LightningCLI's ReduceLROnPlateau takes torch's arguments as **kwargs.
-    fit(*WITH_DEFAULT, *TINY, "--lr_scheduler", "ReduceLROnPlateau", "--lr_scheduler.monitor", "val/expected_loss",
-        "--lr_scheduler.eps", "1e-16")  # fmt: skip
+    fit_output(*WITH_DEFAULT, *TINY, "--lr_scheduler", "ReduceLROnPlateau", "--lr_scheduler.monitor",
+        "val/expected_loss", "--lr_scheduler.eps", "1e-16")  # fmt: skip
     settings = hparams(events(tmp_path))
     assert (settings["lr_scheduler"], settings["lr_interval"]) == ("ReduceLROnPlateau", "validation")
     assert settings["lr_scheduler.monitor"] == "val/expected_loss"
@@ -218,9 +218,9 @@ def test_interrupted_fit_gets_a_picture_at_the_step_it_stopped(tmp_path):
     assert image_steps(events(tmp_path)) == [100, 150]
 
 
-def test_other_loggers_get_nothing(fit, tmp_path):
-    fit(*WITH_DEFAULT, *TINY, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
-        str(tmp_path / "csv"))  # fmt: skip
+def test_other_loggers_get_nothing(fit_output, tmp_path):
+    fit_output(*WITH_DEFAULT, *TINY, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir", str(tmp_path / "csv"))  # fmt: skip
     assert not list(tmp_path.rglob("events.out.tfevents.*"))
     assert list((tmp_path / "csv").rglob("metrics.csv"))
 
@@ -250,6 +250,6 @@ def test_scaled_panels_follow_the_size_of_their_curves():
 @pytest.mark.parametrize(
     "peak, scale", [(0.3, 0.5), (0.1, 0.1), (0.11, 0.2), (1.5, 2.0), (420.0, 500.0), (2.4e-5, 5e-5), (0.0, 1.0)]
 )
-def test_round_scale(peak, scale):
+def test_round_scale_rounds_a_peak_up_to_one_two_or_five(peak, scale):
     assert round_scale(peak) == pytest.approx(scale)
     assert round_scale(float("nan")) == 1.0
