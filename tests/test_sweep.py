@@ -51,6 +51,22 @@ def test_bad_space_is_one_line_before_anything(tmp_path, space, message):
     assert not (tmp_path / "root").exists()
 
 
+def test_an_unknown_sweep_config_key_is_refused_naming_the_known_ones(tmp_path):
+    config = sweep_file(tmp_path / "bad.yaml", SEARCH, trails=3)
+    known = "direction, fit, fit_args, grace_period, heartbeat_interval, objective, pruner, root, sampler, space, " \
+        "storage, study, trials, workers"  # fmt: skip
+    assert f"unknown key 'trails' (known: {known})" in refusal([str(config), "--root", str(tmp_path / "root")])
+    assert not (tmp_path / "root").exists()
+
+
+def test_the_space_takes_the_arguments_of_the_optimizer_fit_args_choose(tmp_path):
+    # As a list of flags too: Adam's amsgrad, which the fit config's SGD lacks.
+    space = {"amsgrad": {"choice": [False, True]}}
+    config = sweep_file(tmp_path / "adam.yaml", SEARCH, fit_args=["--optimizer=torch.optim.Adam"], space=space)
+    sweep = load_sweep(str(config), parser().parse_args([str(config), "--root", str(tmp_path / "root")]))
+    assert list(sweep.space) == ["amsgrad"]
+
+
 PASSWORD = "Zq7/xW9@pK"  # with the characters that must be percent-encoded in a URL
 ENCODED = PASSWORD.replace("/", "%2F").replace("@", "%40")
 
@@ -92,12 +108,12 @@ def test_storage_urls_never_show_a_password(tmp_path, capsys, url, message):
 @pytest.mark.parametrize(
     "fit_args, message",
     [
-        (["--print_config"], "--print_config is refused: it prints the config instead of training"),
+        (["--print_config"], "exit without training"),
         (["--print_conf=skip_null"], "exit without training"),  # argparse's abbreviation of --print_config
         (["-c", str(ROOT / "configs" / "fast.yaml")], "-c is refused: name the fit config with"),
-        (["--run=mine"], "--run is refused: the sweep names each trial's run folder"),
+        (["--run=mine"], "fit_args set run: the sweep names each trial's run folder"),
         (["--ckpt_path=last"], "--ckpt_path is refused: every trial is a fresh fit"),
-        (["--trainer.default_root_dir=/elsewhere"], "--trainer.default_root_dir is refused"),
+        (["--trainer.default_root_dir=/elsewhere"], "fit_args set trainer.default_root_dir"),
         (['--trainer={"default_root_dir": "/elsewhere"}'], "fit_args set trainer.default_root_dir"),
         (["--trainer.fast_dev_run=true"], "fit_args set trainer.fast_dev_run"),
         (["--optimizer.lr=0.1"], "--optimizer.lr is a setting the space sweeps"),

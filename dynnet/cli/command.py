@@ -13,6 +13,7 @@ import shlex
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -44,17 +45,18 @@ class DynnetCLI(LightningCLI):
         args: ArgsType = None,
         cleanup: ExitStack | None = None,
         callbacks: list[Callback] | None = None,
-        hparams_experiment: bool = True,
+        hparams_row: Callable[[dict], dict] | None = None,
     ) -> None:
         """
         Args:
             args: Command-line arguments; ``sys.argv[1:]`` when None.
             cleanup: Receives what must be undone when the command ends, however it ends (the run's lock).
             callbacks: Extra callbacks for the trainer, for programs that drive dynnet (the sweep's pruning).
-            hparams_experiment: Whether the run writes TensorBoard's HPARAMS experiment (its columns); a program
-                that writes one for many runs (the sweep) turns it off.
+            hparams_row: For a program that writes TensorBoard's HPARAMS experiment (its columns) for many runs
+                (the sweep): the run's HPARAMS values as that experiment shows them. The run then writes no
+                experiment of its own.
         """
-        self.hparams_experiment = hparams_experiment
+        self.hparams_row = hparams_row
         self.cleanup = cleanup if cleanup is not None else ExitStack()
         signals.keep_handlers(self.cleanup)  # a fit stops at a step boundary on its own handlers
         self.extra_callbacks = list(callbacks or [])
@@ -164,7 +166,7 @@ class DynnetCLI(LightningCLI):
             self._config_yaml(),
             vars(schedule.init_args) if schedule else {},
             self.extra_callbacks,
-            self.hparams_experiment,
+            self.hparams_row,
         )
         if subcommand == "predict":
             given["callbacks"].append(self.config_init[subcommand].predictions)

@@ -3,6 +3,7 @@ optimizer steps, the run's callback (its config, best and last checkpoints, sign
 TensorBoard in the run folder with dynnet's extras, a DDP timeout, the checked checkpoint reader."""
 
 import contextlib
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ def trainer_arguments(
     config_yaml: str | None,
     lr_scheduler_args: dict[str, Any],
     extra_callbacks: list[Callback],
-    hparams_experiment: bool,
+    hparams_row: Callable[[dict], dict] | None,
 ) -> dict[str, Any]:
     """The Trainer's arguments: ``given`` (the instantiated config's) with dynnet's defaults where the user gave
     none. ``run`` is the fit's run folder (None for evaluation and fast_dev_run), ``config_yaml`` the run's config."""
@@ -90,7 +91,7 @@ def trainer_arguments(
             run.parent.parent, name=run.parent.name, version=run.name, default_hp_metric=False
         )
     if fit and arguments.get("logger") not in (None, False):
-        callbacks.append(TensorBoardExtras(experiment=hparams_experiment))
+        callbacks.append(TensorBoardExtras(row=hparams_row))
     arguments["callbacks"] = callbacks
     if arguments.get("strategy") == "ddp":
         # A process that dies or is stopped while the others wait for it (at start-up, in a step's all-reduce)

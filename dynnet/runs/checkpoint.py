@@ -6,12 +6,9 @@ import math
 import os
 import pickle
 import reprlib
-import stat
 import struct
-import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 

@@ -209,5 +209,3 @@ def _rebase(value, old: str, new: str):
     if isinstance(value, (list, tuple)):
         return type(value)(_rebase(v, old, new) for v in value)
     return value
-
-

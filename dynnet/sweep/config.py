@@ -4,19 +4,20 @@ machine can run."""
 import argparse
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
 
+from dynnet.cli.arguments import flag_values
 from dynnet.errors import one_line
 from dynnet.fit_checks import available_memory
 from dynnet.model import TUTORIAL_OPTIMIZER
 from dynnet.runs.yaml_files import load_yaml
 from dynnet.sweep.errors import SweepError
-from dynnet.sweep.space import OPTIMIZER, SEED, flag_value, grid, parse_space
+from dynnet.sweep.space import OPTIMIZER, flag_value, grid, parse_space, swept_keys
 from dynnet.sweep.storage import check_url, experimental_ok
 
 # What a trial can be judged by: the validation metrics dynnet logs (DynamicNet.evaluate), all losses.
@@ -47,12 +48,7 @@ WORKER_MEMORY_MB = 600
 REFUSED_FIT_FLAGS = {
     "c": "name the fit config with the sweep config's fit key",
     "config": "name the fit config with the sweep config's fit key",
-    "print_config": "it prints the config instead of training",
-    "h": "it prints help instead of training",
-    "help": "it prints help instead of training",
-    "run": "the sweep names each trial's run folder itself (trial_NNNN)",
     "ckpt_path": "every trial is a fresh fit",
-    "trainer.default_root_dir": "every trial's run goes under the sweep's root; use --root",
 }
 
 
@@ -60,7 +56,6 @@ REFUSED_FIT_FLAGS = {
 class Sweep:
     """Everything a sweep needs, from its config file and flags; sent to every worker process."""
 
-    config: Path  # the sweep config file
     fit_config: Path
     fit_args: list[str]
     space: dict[str, Any]
@@ -78,22 +73,8 @@ class Sweep:
     command: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # marks the trials this command ran
 
 
-KEYS = {
-    "fit",
-    "fit_args",
-    "space",
-    "objective",
-    "direction",
-    "sampler",
-    "pruner",
-    "trials",
-    "workers",
-    "storage",
-    "study",
-    "root",
-    "heartbeat_interval",
-    "grace_period",
-}
+# A sweep config's keys: the settings of a Sweep, its fit config named by the key fit.
+KEYS = {f.name for f in fields(Sweep)} - {"fit_config", "command"} | {"fit"}
 
 
 def load_sweep(path: str, flags: argparse.Namespace) -> Sweep:
@@ -136,10 +117,9 @@ def load_sweep(path: str, flags: argparse.Namespace) -> Sweep:
     grace = _positive("grace_period", raw.get("grace_period", DEFAULT_GRACE_PERIOD))
     if grace <= interval:
         raise SweepError(f"grace_period ({grace} s) must be longer than heartbeat_interval ({interval} s)")
-    space = parse_space(raw.get("space"), _fit_optimizer(fit_config, raw.get("fit_args")))
+    space = parse_space(raw.get("space"), _fit_optimizer(fit_config, fit_args))
     _refuse_swept(fit_args, space)
     return Sweep(
-        config=config,
         fit_config=fit_config,
         fit_args=fit_args,
         space=space,
@@ -179,10 +159,7 @@ def _fit_args(raw: Any) -> list[str]:
 def _refuse_swept(fit_args: list[str], space: dict[str, Any]) -> None:
     """A fit flag for a setting the space draws would be replaced in every trial, or (an optimizer argument
     before the optimizer class the trial picks) dropped: refused rather than silently ignored."""
-    swept = {f"optimizer.{name}" for name in space if name not in (SEED, OPTIMIZER)}
-    swept |= {f"optimizer.init_args.{name}" for name in space if name not in (SEED, OPTIMIZER)}
-    if SEED in space:
-        swept.add("seed_everything")
+    swept = swept_keys(space)
     for arg in fit_args:
         name = arg.partition("=")[0].lstrip("-")
         if name in swept or (OPTIMIZER in space and name.split(".")[0] == OPTIMIZER):
@@ -190,10 +167,13 @@ def _refuse_swept(fit_args: list[str], space: dict[str, Any]) -> None:
             raise SweepError(f"fit_args: --{name} is a setting the space sweeps: give it {where}, as a range or value")
 
 
-def _fit_optimizer(fit_config: Path, fit_args: Any) -> str:
-    """The optimizer class the trials train with when the space does not choose one."""
-    if isinstance(fit_args, dict) and isinstance(fit_args.get(OPTIMIZER), str):
-        return fit_args[OPTIMIZER]
+def _fit_optimizer(fit_config: Path, fit_args: list[str]) -> str:
+    """The optimizer class the trials train with when the space does not choose one: fit_args's, else the fit
+    config's, else the tutorial's."""
+    flags = ("--optimizer", "--optimizer.class_path")
+    chosen = [value for flag, value in flag_values(fit_args) if flag in flags and not value.startswith("{")]
+    if chosen:
+        return chosen[-1]
     try:
         spec = (load_yaml(fit_config) or {}).get(OPTIMIZER)
     except (ValueError, AttributeError):

@@ -17,7 +17,7 @@ from dynnet.errors import USER_ERRORS, one_line
 from dynnet.signals import Stopped
 from dynnet.sweep.config import Sweep
 from dynnet.sweep.errors import SweepError
-from dynnet.sweep.space import OPTIMIZER, SEED, brief, ends, fit_flags
+from dynnet.sweep.space import OPTIMIZER, brief, ends, fit_flags, swept_keys
 
 # The run a check names, in a scratch root removed after it.
 PROBE_RUN = "trial_check"
@@ -86,9 +86,7 @@ def check_fit(sweep: Sweep) -> dict[str, Any]:
     the swept settings)."""
     with tempfile.TemporaryDirectory(prefix="dynnet-sweep-check-") as scratch:
         parsed = [_check(sweep, Path(scratch, str(i)), point) for i, point in enumerate(ends(sweep.space))]
-    swept = {f"optimizer.init_args.{name}" for name in sweep.space if name not in (SEED, OPTIMIZER)}
-    if SEED in sweep.space:
-        swept.add("seed_everything")
+    swept = swept_keys(sweep.space)
     return {
         key: value
         for key, value in parsed[0].items()
@@ -105,7 +103,6 @@ def _check(sweep: Sweep, root: Path, point: dict[str, Any]) -> dict[str, Any]:
                 args=[*base_args(sweep, root, PROBE_RUN), *fit_flags(point)],
                 cleanup=cleanup,
                 callbacks=[_StopBeforeTraining()],
-                hparams_experiment=False,
             )
     except SystemExit:
         raise SweepError("fit_args make dynnet fit exit without training (--print_config or --help?)") from None

@@ -15,16 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from dynnet.runs.folder import runs_dir
 from dynnet.sweep.config import OBJECTIVES, Sweep
 from dynnet.sweep.errors import write_file
-from dynnet.sweep.space import OPTIMIZER, SEED, Choice, Float, Int, short_name
-from dynnet.tensorboard.hparams import Value, experiment_summary, hparams_row, session_start_summary
+from dynnet.sweep.space import OPTIMIZER, Choice, Float, Int, setting, short_name
+from dynnet.tensorboard.hparams import Value, experiment_summary
 
 # The root's events file. A fixed name, replaced whole: every command on the study writes the same bytes there.
 EXPERIMENT_FILE = "events.out.tfevents.0.dynnet-sweep"
@@ -45,13 +43,6 @@ class Column:
     varies: bool
 
 
-def column_name(parameter: str) -> str:
-    """A space's parameter under the name dynnet's own HPARAMS entry gives the setting (dynnet.tensorboard.hparams)."""
-    if parameter == SEED:
-        return "seed_everything"
-    return OPTIMIZER if parameter == OPTIMIZER else f"optimizer.{parameter}"
-
-
 def columns(space: dict[str, Any]) -> dict[str, Column]:
     """The columns of a sweep's HPARAMS tab: every parameter of the space, an optimizer's own arguments included,
     with the values of all its ranges, choices and fixed values together."""
@@ -59,7 +50,7 @@ def columns(space: dict[str, Any]) -> dict[str, Column]:
     unlisted: set[str] = set()
 
     def add(parameter: str, spec: Any) -> None:
-        name = column_name(parameter)
+        name = setting(parameter)
         values = found.setdefault(name, [])
         if isinstance(spec, Float):
             values += [spec.low, spec.high]
@@ -111,7 +102,7 @@ def trial_row(run: dict[str, Value], settings: dict[str, Any], space: dict[str, 
     show them (an optimizer by its class name, integers as text)."""
     row: dict[str, Any] = dict(run)
     for parameter, value in settings.items():
-        row[column_name(parameter)] = short_name(value) if parameter == OPTIMIZER else value
+        row[setting(parameter)] = short_name(value) if parameter == OPTIMIZER else value
     table = columns(space)
     return {name: written(table[name], value) if name in table else value for name, value in row.items()}
 
@@ -143,22 +134,3 @@ def write_experiment(sweep: Sweep) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_file(path, data)
     return path
-
-
-class TrialHparams(Callback):
-    """Writes a trial's HPARAMS row (trial_row) at the start of its fit. It runs before dynnet's TensorBoardExtras
-    (a program's callbacks come first), whose own entry for the run TensorBoard then ignores: it keeps a run's first."""
-
-    def __init__(self, settings: dict[str, Any], space: dict[str, Any]) -> None:
-        self.settings = settings
-        self.space = space
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        writers = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-        if writers:
-            row = trial_row(hparams_row(trainer, pl_module), self.settings, self.space)
-            start = session_start_summary(row)
-            for writer in writers:
-                writer.file_writer.add_summary(start, 0)

@@ -38,8 +38,9 @@ def state_of(trial: FrozenTrial) -> str:
 
 
 def trial_rows(trials: list[FrozenTrial], objective: str, best: int | None) -> tuple[list[str], list[dict[str, Any]]]:
-    """trials.csv: one row per trial with its state, whether it is the best, its objective and settings, steps,
-    seconds, run folder and, for a failed or lost trial, why."""
+    """trials.csv: one row per trial with its state, whether it is the best, its objective (a pruned trial's: its
+    last reported value, which Optuna records as its value) and settings, steps, seconds, run folder and, for a
+    failed or lost trial, why."""
     names: list[str] = []
     rows = []
     for trial in trials:
@@ -53,20 +54,11 @@ def trial_rows(trials: list[FrozenTrial], objective: str, best: int | None) -> t
             seconds = round(trial.duration.total_seconds(), 3)
         rows.append(
             {"trial": trial.number, "state": state, "best": "best" if trial.number == best else ""}
-            | {objective: _value(trial), **settings}
+            | {objective: "" if trial.value is None else trial.value, **settings}
             | {"steps": attrs.get("steps", ""), "seconds": "" if seconds is None else seconds}
             | {"run": attrs.get("run", ""), "reason": reason}
         )
     return ["trial", "state", "best", objective, *names, "steps", "seconds", "run", "reason"], rows
-
-
-def _value(trial: FrozenTrial) -> float | str:
-    """A completed trial's objective; a pruned trial's last reported value; nothing for a failed one."""
-    if trial.state == TrialState.COMPLETE:
-        return trial.value
-    if trial.state == TrialState.PRUNED and trial.intermediate_values:
-        return trial.intermediate_values[max(trial.intermediate_values)]
-    return ""
 
 
 def outputs(root: Path) -> tuple[Path, Path, Path]:

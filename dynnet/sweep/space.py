@@ -251,16 +251,24 @@ def grid(space: dict[str, Any], trials: int) -> dict[str, list[Any]]:
     return {name: list(v) for name, v in values.items()}
 
 
+def setting(name: str) -> str:
+    """The ``dynnet fit`` setting a space's parameter sets, under the name dynnet's own HPARAMS entry gives it."""
+    if name == SEED:
+        return "seed_everything"
+    return OPTIMIZER if name == OPTIMIZER else f"optimizer.{name}"
+
+
+def swept_keys(space: dict[str, Any]) -> set[str]:
+    """The settings a space sets in every trial, as flags and as the parsed fit names them (optimizer.init_args.lr)."""
+    arguments = {f"optimizer.init_args.{name}" for name in space if name not in (SEED, OPTIMIZER)}
+    return {setting(name) for name in space} | arguments
+
+
 def fit_flags(settings: dict[str, Any]) -> list[str]:
     """``dynnet fit`` flags for a trial's settings. The optimizer class comes first: dynnet then gives the class its
     own defaults for every argument not given after it."""
-    flags = [f"--optimizer={settings[OPTIMIZER]}"] if OPTIMIZER in settings else []
-    for name, value in settings.items():
-        if name == SEED:
-            flags.append(f"--seed_everything={flag_value(value)}")
-        elif name != OPTIMIZER:
-            flags.append(f"--optimizer.{name}={flag_value(value)}")
-    return flags
+    names = sorted(settings, key=lambda name: name != OPTIMIZER)
+    return [f"--{setting(name)}={flag_value(settings[name])}" for name in names]
 
 
 def settings_of(params: dict[str, Any]) -> dict[str, Any]:

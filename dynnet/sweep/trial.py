@@ -11,6 +11,7 @@ import time
 import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -25,7 +26,7 @@ from dynnet.signals import SWEEP_SIGNALS, Stopped
 from dynnet.sweep.config import Sweep
 from dynnet.sweep.errors import SweepError, write_file
 from dynnet.sweep.fit import base_args, run_name
-from dynnet.sweep.hparams import TrialHparams
+from dynnet.sweep.hparams import trial_row
 from dynnet.sweep.space import brief, fit_flags, suggest
 from dynnet.sweep.study import process_space
 
@@ -52,24 +53,19 @@ class Outcome:
     stop: int | None = None  # a stop signal that ended the fit or arrived as it ended: the worker stops after it
 
 
-class TrialWatch(Callback):
-    """Keeps the trial's trainer, whose step count is wanted also when the fit ends by an exception."""
-
-    def __init__(self) -> None:
-        self.trainer = None
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        self.trainer = trainer
-
-
 class Pruning(Callback):
     """Optuna's pruning, as its Lightning callback does it, but at optimizer steps: each validation reports the
     objective at the fit's step (the step a pruned trial's line names, and the x axis optuna-dashboard plots), and
     the trial stops where the pruner says so, except at the fit's last step: a trial that trained every step is
-    complete, whatever the pruner says of it."""
+    complete, whatever the pruner says of it. Keeps the trial's trainer, whose step count is wanted also when the
+    fit ends by an exception."""
 
     def __init__(self, trial: optuna.Trial, monitor: str) -> None:
         self.trial, self.monitor = trial, monitor
+        self.trainer = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.trainer = trainer
 
     def on_validation_end(self, trainer, pl_module) -> None:
         score = trainer.callback_metrics.get(self.monitor)
@@ -97,7 +93,7 @@ class Objective:
                 trial.set_user_attr(key, value)
             settings = suggest(trial, sweep.space)
             try:
-                outcome = fit_trial(trial, sweep, settings)
+                outcome = fit_trial(trial, sweep, settings, run)
             except Stopped as stop:  # before the fit took over the stop signals, or after it gave them back
                 lost = f"stopped by {signal.Signals(stop.signum).name} outside its fit"
                 outcome = Outcome(f"lost: {lost}", {"lost": lost, "steps": 0, "seconds": 0.0}, stop=stop.signum)
@@ -120,11 +116,9 @@ class Objective:
         return outcome.value
 
 
-def fit_trial(trial: optuna.Trial, sweep: Sweep, settings: dict[str, Any]) -> Outcome:
+def fit_trial(trial: optuna.Trial, sweep: Sweep, settings: dict[str, Any], run: Path) -> Outcome:
     """The trial's fit, its output kept in its run folder's sweep.log rather than mixed into the sweep's."""
-    name = run_name(trial.number)
-    run = runs_dir(sweep.root) / name
-    watch = TrialWatch()
+    watch = Pruning(trial, monitor=sweep.objective)
     output = io.StringIO()
     # A fit stops at a step boundary on SIGTERM and SIGINT; its handlers stay behind when it ends: put back the
     # worker's, which stop it between fits.
@@ -135,10 +129,10 @@ def fit_trial(trial: optuna.Trial, sweep: Sweep, settings: dict[str, Any]) -> Ou
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output), ExitStack() as cleanup:
             # The sweep's root holds the HPARAMS experiment of all trials; each trial writes only its row.
             cli = DynnetCLI(
-                args=[*base_args(sweep, sweep.root, name), *fit_flags(settings)],
+                args=[*base_args(sweep, sweep.root, run.name), *fit_flags(settings)],
                 cleanup=cleanup,
-                callbacks=[Pruning(trial, monitor=sweep.objective), watch, TrialHparams(settings, sweep.space)],
-                hparams_experiment=False,
+                callbacks=[watch],
+                hparams_row=lambda run: trial_row(run, settings, sweep.space),
             )
             metrics = cli.model.evaluate(*next(iter(cli.datamodule.val_dataloader())))
         value = float(metrics[sweep.objective.partition("/")[2]])
@@ -159,8 +153,6 @@ def fit_trial(trial: optuna.Trial, sweep: Sweep, settings: dict[str, Any]) -> Ou
         stop = getattr(interrupted, "signum", signal.SIGTERM)
         lost = f"stopped by {signal.Signals(stop).name} at step {_steps(watch)}"
         outcome = Outcome(f"lost: {lost}", {"lost": lost}, stop=stop)
-    except UpdateFinishedTrialError:
-        raise  # reported to a trial another process failed meanwhile: the objective discards it
     except Exception as err:
         known = isinstance(err, (*USER_ERRORS, TrialFailed))
         reason = one_line(err) if known else f"{type(err).__name__}: {one_line(err)}"
@@ -178,5 +170,5 @@ def fit_trial(trial: optuna.Trial, sweep: Sweep, settings: dict[str, Any]) -> Ou
     return outcome
 
 
-def _steps(watch: TrialWatch) -> int:
+def _steps(watch: Pruning) -> int:
     return watch.trainer.global_step if watch.trainer is not None else 0

@@ -4,6 +4,7 @@ at every validation and at the last step; and the Result line at the end."""
 
 import io
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -46,13 +47,14 @@ class TensorBoardExtras(Callback):
     once per fit or once per validation.
     """
 
-    def __init__(self, experiment: bool = True) -> None:
+    def __init__(self, row: Callable[[dict], dict] | None = None) -> None:
         """
         Args:
-            experiment: Write the HPARAMS tab's experiment (which settings and metrics are its columns). False
-                when one is written for many runs together (a sweep's root): TensorBoard shows only one.
+            row: Where one HPARAMS experiment (which settings and metrics are its columns) is written for many runs
+                together (a sweep's root; TensorBoard shows only one): the run's values as its columns show them.
+                The run then writes no experiment of its own.
         """
-        self.experiment = experiment
+        self.row = row
         self.picture: FitPicture | None = None
         self.drawn_at: int | None = None  # the step of the latest fit image, or the step training started at
 
@@ -67,9 +69,9 @@ class TensorBoardExtras(Callback):
         columns = {name: [value] for name, value in settings.items()}
         # Only the metrics' names go in: TensorBoard reads their values from the run's scalars.
         experiment = experiment_summary(columns, ticked(settings), LINKED_METRICS)
-        start = session_start_summary(settings)
+        start = session_start_summary(settings if self.row is None else self.row(settings))
         for writer in writers:
-            if self.experiment:
+            if self.row is None:
                 writer.file_writer.add_summary(experiment, 0)
             writer.file_writer.add_summary(start, 0)
 
