@@ -9,17 +9,46 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
 from jsonargparse import Namespace
+from lightning.pytorch.cli import LRSchedulerTypeTuple
+from torch.optim import Optimizer
 
+from dynnet.cli.predictions import PredictionCSV
 from dynnet.model import TUTORIAL_OPTIMIZER
 from dynnet.runs.yaml_files import MAX_BYTES, MAX_VALUES, expanded_size, load_yaml
 
 # Flags whose value is a path that is not a config: every other flag given a file reads it as YAML.
 PATH_FLAGS = ("--ckpt_path", "--run", "--predictions.path", "--trainer.default_root_dir")
+
+
+def add_arguments(parser) -> None:
+    """The arguments `dynnet` adds to LightningCLI's: where predictions go, the optimizer and schedule by class,
+    the run's name and when the schedule steps."""
+    parser.add_lightning_class_args(PredictionCSV, "predictions")
+    parser.add_optimizer_args((Optimizer,))
+    parser.add_lr_scheduler_args(LRSchedulerTypeTuple)
+    parser.add_argument(
+        "--run",
+        type=str | None,
+        default=None,
+        help="Name of the run folder under <default_root_dir>/lightning_logs (default: the next version_N for "
+        "a new fit; the newest run for --ckpt_path last).",
+    )
+    parser.add_argument(
+        "--lr_interval",
+        type=Literal["step", "epoch"],
+        default="step",
+        help="When lr_scheduler steps: after every optimizer step, or at every epoch end. ReduceLROnPlateau "
+        "steps after every validation.",
+    )
+    titles = {"predictions": "Where `dynnet predict` writes", "lr_scheduler": "Learning-rate schedule"}
+    for key, title in titles.items():
+        if key in parser.groups:
+            parser.groups[key].title = title
 
 
 def flag_values(args: list[str]) -> Iterator[tuple[str, str]]:

@@ -13,6 +13,7 @@ from dynnet.runs.checkpoint import CheckpointError, load_checkpoint
 from dynnet.runs.folder import RunError, find_run, last_checkpoint, run_of
 from dynnet.runs.resume import DATA, check_latest, check_same_run, class_path, is_number, refuse_change
 from dynnet.runs.yaml_files import load_yaml
+from dynnet.steps import batch_grid, check_resumed_batches, validation_steps
 
 
 def resolve_checkpoint(config, subcommand: str, config_files: dict[str, Any]) -> tuple[Path, dict | None]:
@@ -56,6 +57,13 @@ def resolve_checkpoint(config, subcommand: str, config_files: dict[str, Any]) ->
         "step": checkpoint["global_step"],
         "data_state": data_state if isinstance(data_state, dict) else {},
     }
+
+
+def check_resumed_grid(trainer, data: SineData, data_state: dict) -> None:
+    """Refuse a resume whose train batches would lie on another grid than the run's, where Lightning counts its
+    validation interval in batches (see dynnet.steps.check_resumed_batches)."""
+    grid = batch_grid(trainer, data.steps_per_batch, data.steps_per_epoch)
+    check_resumed_batches(data_state.get("batch_grid"), grid, validation_steps(trainer, data.steps_per_epoch))
 
 
 def note_other_config(run: Path | None, config_files: dict[str, Any]) -> None:

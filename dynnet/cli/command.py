@@ -17,26 +17,25 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.cli import ArgsType, LightningCLI, LRSchedulerTypeTuple
+from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim import Optimizer
 
 from dynnet import signals
 from dynnet.cli import arguments, checks, help
-from dynnet.cli.checkpoints import resolve_checkpoint
+from dynnet.cli.checkpoints import check_resumed_grid, resolve_checkpoint
 from dynnet.cli.console import dynnet_command, ignore_warnings, optimizer_line, quiet_write_errors
-from dynnet.cli.predictions import PredictionCSV, prediction_path
+from dynnet.cli.predictions import prediction_path
 from dynnet.cli.trainer import log_into_run, trainer_arguments
 from dynnet.data import SineData
 from dynnet.errors import USER_ERRORS, lost_peer, one_line
 from dynnet.lightning_internals import subcommand_parser
 from dynnet.module import DynamicNet
 from dynnet.runs.folder import enter_run
-from dynnet.steps import batch_grid, check_resumed_batches, validation_steps
 
 
 class DynnetCLI(LightningCLI):
@@ -84,27 +83,7 @@ class DynnetCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(PredictionCSV, "predictions")
-        parser.add_optimizer_args((Optimizer,))
-        parser.add_lr_scheduler_args(LRSchedulerTypeTuple)
-        parser.add_argument(
-            "--run",
-            type=str | None,
-            default=None,
-            help="Name of the run folder under <default_root_dir>/lightning_logs (default: the next version_N for "
-            "a new fit; the newest run for --ckpt_path last).",
-        )
-        parser.add_argument(
-            "--lr_interval",
-            type=Literal["step", "epoch"],
-            default="step",
-            help="When lr_scheduler steps: after every optimizer step, or at every epoch end. ReduceLROnPlateau "
-            "steps after every validation.",
-        )
-        titles = {"predictions": "Where `dynnet predict` writes", "lr_scheduler": "Learning-rate schedule"}
-        for key, title in titles.items():
-            if key in parser.groups:
-                parser.groups[key].title = title
+        arguments.add_arguments(parser)
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
@@ -182,12 +161,8 @@ class DynnetCLI(LightningCLI):
             raise OSError(err.errno, err.strerror, str(self.run_path)) from None
 
     def before_fit(self) -> None:
-        if self.resume is not None:
-            # Refused here, before Lightning opens the run's logs, rather than when SineData's state is restored.
-            data, trainer = self.datamodule, self.trainer
-            grid = batch_grid(trainer, data.steps_per_batch, data.steps_per_epoch)
-            trained = self.resume["data_state"].get("batch_grid")
-            check_resumed_batches(trained, grid, validation_steps(trainer, data.steps_per_epoch))
+        if self.resume is not None:  # before Lightning opens the run's logs, rather than when SineData restores it
+            check_resumed_grid(self.trainer, self.datamodule, self.resume["data_state"])
 
     def after_fit(self) -> None:
         if self.trainer.barebones and self.trainer.is_global_zero:  # Run, which prints them otherwise, is off
