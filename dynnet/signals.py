@@ -43,6 +43,11 @@ class Stopped(BaseException):
         super().__init__(f"stopped by {signal.Signals(signum).name}{where}")
 
 
+def stopped_fit(exception: BaseException) -> bool:
+    """Whether exception is a fit's stop at a step boundary (what a run saves), not a sweep's stop outside fits."""
+    return isinstance(exception, Stopped) and exception.step is not None
+
+
 @contextmanager
 def stop_before_training() -> Iterator[None]:
     """Handle the stop signals from here until a fit takes over (see the module's docstring)."""

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEFAULT, TINY, dynnet, error_of, last, run_dir, stop_line
+from conftest import DEFAULT, TINY, dynnet, error_of, fitted_cli, last, run_dir, stop_line
+from lightning.pytorch import Callback
 
 from dynnet import signals
 from dynnet.cli import main
@@ -164,6 +165,20 @@ def test_a_stop_with_checkpointing_off_promises_no_resume(tmp_path, monkeypatch,
 
 
 @pytest.mark.slow
+class SweepStop(Callback):
+    """The sweep's own stop, which has no step, raised inside a fit before the fit's handlers take over."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        raise signals.Stopped(signal.SIGTERM)
+
+
+def test_a_stop_from_outside_the_fit_is_passed_on_and_saves_nothing(tmp_path):
+    with pytest.raises(signals.Stopped) as stop:
+        fitted_cli(tmp_path, callbacks=[SweepStop()])
+    assert stop.value.step is None and stop.value.saved_run is None
+    assert not list(tmp_path.glob("lightning_logs/*/checkpoints/last.ckpt"))
+
+
 def test_a_lock_record_that_is_a_fifo_never_hangs_a_command(tmp_path, fit_output):
     fit_output("-c", DEFAULT, *TINY)
     record = run_dir(tmp_path) / "run.lock"

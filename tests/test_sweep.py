@@ -111,7 +111,8 @@ def test_storage_urls_never_show_a_password(tmp_path, capsys, url, message):
         (["--print_config"], "exit without training"),
         (["--print_conf=skip_null"], "exit without training"),  # argparse's abbreviation of --print_config
         (["-c", str(ROOT / "configs" / "fast.yaml")], "-c is refused: name the fit config with"),
-        (["--run=mine"], "fit_args set run: the sweep names each trial's run folder"),
+        (["--run=mine"], "--run is refused: the sweep names each trial's run folder"),
+        (["--run=trial_check"], "--run is refused: the sweep names each trial's run folder"),  # the check's own
         (["--ckpt_path=last"], "--ckpt_path is refused: every trial is a fresh fit"),
         (["--trainer.default_root_dir=/elsewhere"], "fit_args set trainer.default_root_dir"),
         (['--trainer={"default_root_dir": "/elsewhere"}'], "fit_args set trainer.default_root_dir"),

@@ -35,7 +35,7 @@ from dynnet.data import SineData
 from dynnet.errors import USER_ERRORS, lost_peer, one_line
 from dynnet.lightning_internals import subcommand_parser
 from dynnet.module import DynamicNet
-from dynnet.runs.folder import enter_run
+from dynnet.runs.folder import RunLock, enter_run, keep_metrics_history
 
 
 class DynnetCLI(LightningCLI):
@@ -61,6 +61,7 @@ class DynnetCLI(LightningCLI):
         self.extra_callbacks = list(callbacks or [])
         self.args = list(sys.argv[1:] if args is None else args)
         self.run_path: Path | None = None
+        self.run_lock: RunLock | None = None  # held by the process that writes the run
         self.resume: dict | None = None  # the checkpoint a fit resumes: its path, step and data state
         ignore_warnings(fit=True)
         super().__init__(
@@ -125,11 +126,10 @@ class DynnetCLI(LightningCLI):
         checks.check_config(config, self.subcommand, named)
         arguments.clip_in_module(config)
         if self.subcommand == "fit" and not config.trainer.fast_dev_run:
-            resumed = self.resume or {}
-            self.run_path, _ = enter_run(
-                config.trainer, config.run, self.cleanup, resumed.get("path"), resumed.get("step", 0)
-            )
-            log_into_run(config.trainer, self.run_path)
+            resumed = (self.resume or {}).get("path")
+            self.run_path, self.run_lock = enter_run(config.trainer, config.run, self.cleanup, resumed)
+            if self.run_lock is not None:  # rank 0, which writes the run
+                log_into_run(config.trainer, self.run_path)
         ignore_warnings(fit=self.subcommand == "fit")
         if self.subcommand == "predict":
             config.predictions.path = prediction_path(config)
@@ -163,6 +163,8 @@ class DynnetCLI(LightningCLI):
     def before_fit(self) -> None:
         if self.resume is not None:  # before Lightning opens the run's logs, rather than when SineData restores it
             check_resumed_grid(self.trainer, self.datamodule, self.resume["data_state"])
+            if self.run_lock is not None:
+                keep_metrics_history(self.run_path, self.resume["step"])
 
     def after_fit(self) -> None:
         if self.trainer.barebones and self.trainer.is_global_zero:  # Run, which prints them otherwise, is off

@@ -71,3 +71,5 @@ def _new_temporary(path: Path) -> tuple[int, Path]:
             return os.open(temporary, flags, 0o666), temporary
         except FileExistsError:  # another writer's name, by a one-in-four-billion chance: draw another
             continue
+        except OSError as err:  # name the file the user knows, not the temporary
+            raise OSError(err.errno, err.strerror, str(path)) from None

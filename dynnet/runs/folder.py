@@ -144,10 +144,10 @@ class RunLock:
 
 
 def enter_run(
-    trainer, name: str | None, cleanup: ExitStack, checkpoint: Path | None = None, step: int = 0
+    trainer, name: str | None, cleanup: ExitStack, checkpoint: Path | None = None
 ) -> tuple[Path, RunLock | None]:
     """The run folder a fit writes into, and its lock (held by rank 0 only, released by ``cleanup``): the run of
-    the checkpoint it resumes at ``step``, else a new folder under the Trainer's ``default_root_dir``, which
+    the checkpoint it resumes, else a new folder under the Trainer's ``default_root_dir``, which
     ``cleanup`` removes again when nothing was written into it. ``trainer`` is the Trainer's configuration."""
     if name is not None and (name in ("", ".", "..") or "/" in name or os.sep in name):
         raise ValueError(f"--run must be a plain folder name, got {name!r}")
@@ -171,11 +171,15 @@ def enter_run(
         for key, value in (("DYNNET_RUN", str(run)), (LAUNCHER, str(os.getpid()))):
             os.environ[key] = value
             cleanup.callback(os.environ.pop, key, None)
-    metrics = run / "metrics.csv"
-    if checkpoint is not None and metrics.is_file():
-        # Lightning's CSVLogger deletes the metrics.csv it finds in its folder; keep the run's history.
-        metrics.rename(run / f"metrics-until-step{step}.csv")
     return run, lock
+
+
+def keep_metrics_history(run: Path, step: int) -> None:
+    """Keep a resumed run's metrics.csv as metrics-until-step<step>.csv: Lightning's CSVLogger deletes the
+    metrics.csv it finds in its folder when the fit sets up its loggers."""
+    metrics = run / "metrics.csv"
+    if metrics.is_file():
+        metrics.rename(run / f"metrics-until-step{step}.csv")
 
 
 def discard_if_unused(run: Path, made: list[Path]) -> None:

@@ -49,6 +49,7 @@ REFUSED_FIT_FLAGS = {
     "c": "name the fit config with the sweep config's fit key",
     "config": "name the fit config with the sweep config's fit key",
     "ckpt_path": "every trial is a fresh fit",
+    "run": "the sweep names each trial's run folder itself (trial_NNNN)",
 }
 
 

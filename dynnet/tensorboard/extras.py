@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from dynnet.model import DynamicPolynomial
-from dynnet.signals import Stopped
+from dynnet.signals import stopped_fit
 from dynnet.tensorboard.fit_picture import FitPicture
 from dynnet.tensorboard.hparams import (
     experiment_summary,
@@ -94,7 +94,7 @@ class TensorBoardExtras(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # An interrupted run can be resumed from this step: show where it stands. Other errors leave no state
         # worth a picture (a diverged fit is not finite).
-        if isinstance(exception, Stopped):
+        if stopped_fit(exception):
             self._show_last_step(trainer, pl_module)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
