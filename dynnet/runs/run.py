@@ -18,7 +18,6 @@ from dynnet.runs.checkpoint import CheckpointError
 from dynnet.runs.checkpoint_state import files_outside
 from dynnet.runs.files import write_atomically
 from dynnet.runs.folder import LAST
-from dynnet.signals import stopped_fit
 
 
 class Run(Checkpoint):
@@ -164,7 +163,7 @@ class Run(Checkpoint):
             sys.stdout.flush()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if stopped_fit(exception):
+        if signals.stopped_fit(exception):
             pl_module.log_final_evaluation()
             self.save(trainer)
             if self.save_last and not trainer.fast_dev_run:  # the stop line offers a resume only from a save

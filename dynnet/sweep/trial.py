@@ -22,7 +22,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from dynnet.cli.command import DynnetCLI
 from dynnet.errors import USER_ERRORS, one_line
 from dynnet.runs.folder import runs_dir
-from dynnet.signals import SWEEP_SIGNALS, Stopped
+from dynnet.signals import SWEEP_SIGNALS, Stopped, stopped_fit
 from dynnet.sweep.config import Sweep
 from dynnet.sweep.errors import SweepError, write_file
 from dynnet.sweep.fit import base_args, run_name
@@ -146,7 +146,7 @@ def fit_trial(trial: optuna.Trial, sweep: Sweep, settings: dict[str, Any], run: 
         line = f"pruned at step {_steps(watch)}" + (f": {sweep.objective} {float(reported):.6g}" if reported else "")
         outcome = Outcome(line, {}, pruned=pruned)
     except (Stopped, SIGTERMException) as interrupted:
-        if isinstance(interrupted, Stopped) and interrupted.step is None:
+        if isinstance(interrupted, Stopped) and not stopped_fit(interrupted):
             raise  # the worker's own stop, before the fit took over the signals: the objective reports it
         # Stopped from outside (Ctrl-C, SIGTERM, the sweep's end): the trial did not fail on its own, so it gets
         # no reason and does not count; the worker stops.
